@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Installs what Carina needs, into folders of this checkout (idempotent, no root needed):
+#   .deps/onnxruntime/   libonnxruntime.so from PyPI's onnxruntime wheel (ort's own download
+#                        cannot reach its host here); found automatically by `carina`.
+#   .venv/               (with --test) Python tools the tests call: FHIR R4 validators, DICOM
+#                        clients, reference decoders.
+#   tests/fhir/node_modules  (with --test) the official FHIR R4 JSON schema validator.
+# Usage: scripts/setup.sh [--test] [--gpu]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ORT_VERSION=${ORT_VERSION:-1.31.1}
+PY=${PYTHON:-python3}
+want_test=0; want_gpu=0
+for a in "$@"; do
+  case "$a" in
+    --test) want_test=1 ;;
+    --gpu) want_gpu=1 ;;
+    *) echo "setup.sh: unknown option $a" >&2; exit 2 ;;
+  esac
+done
+
+extract_ort() { # wheel -> .deps/<dir>/ (libonnxruntime*.so*, kept together)
+  "$PY" - "$1" "$2" <<'PYEOF'
+import os, sys, zipfile
+whl, dest = sys.argv[1], sys.argv[2]
+os.makedirs(dest, exist_ok=True)
+with zipfile.ZipFile(whl) as z:
+    for n in z.namelist():
+        base = os.path.basename(n)
+        if n.startswith("onnxruntime/capi/") and base.startswith("libonnxruntime"):
+            with z.open(n) as src, open(os.path.join(dest, base), "wb") as out:
+                out.write(src.read())
+PYEOF
+}
+
+if ! ls .deps/onnxruntime/libonnxruntime.so.* >/dev/null 2>&1; then
+  echo "setup: fetching onnxruntime==$ORT_VERSION (CPU) from PyPI" >&2
+  rm -rf .deps/wheels && mkdir -p .deps/wheels
+  "$PY" -m pip download -q --no-deps --only-binary=:all: -d .deps/wheels "onnxruntime==$ORT_VERSION"
+  extract_ort .deps/wheels/onnxruntime-*.whl .deps/onnxruntime
+  rm -rf .deps/wheels
+fi
+
+if [ "$want_gpu" = 1 ] && ! ls .deps/onnxruntime-gpu/libonnxruntime_providers_cuda.so >/dev/null 2>&1; then
+  # CUDA provider + CUDA 13 / cuDNN 9 runtime libraries, all as PyPI wheels, into a venv.
+  echo "setup: installing onnxruntime-gpu[cuda,cudnn]==$ORT_VERSION into .deps/gpu-venv" >&2
+  "$PY" -m venv .deps/gpu-venv
+  .deps/gpu-venv/bin/pip install -q "onnxruntime-gpu[cuda,cudnn]==$ORT_VERSION"
+  site=$(.deps/gpu-venv/bin/python -c 'import onnxruntime, os; print(os.path.dirname(onnxruntime.__file__))')
+  mkdir -p .deps/onnxruntime-gpu && cp -a "$site"/capi/libonnxruntime* .deps/onnxruntime-gpu/
+fi
+
+if [ "$want_test" = 1 ]; then
+  if [ ! -x .venv/bin/python ] || ! cmp -s tests/requirements.txt .venv/.requirements 2>/dev/null; then
+    echo "setup: creating .venv with tests/requirements.txt" >&2
+    "$PY" -m venv .venv
+    .venv/bin/pip install -q --upgrade pip >/dev/null
+    .venv/bin/pip install -q -r tests/requirements.txt
+    cp tests/requirements.txt .venv/.requirements
+  fi
+  if [ -f tests/fhir/package.json ] && [ ! -d tests/fhir/node_modules ]; then
+    echo "setup: npm install in tests/fhir" >&2
+    (cd tests/fhir && npm install --no-audit --no-fund --silent)
+  fi
+fi

@@ -1,0 +1,129 @@
+//! HTTP errors, mapped once: `/v1` and FHIR-style paths answer a FHIR OperationOutcome
+//! (`application/fhir+json`), the legacy `/covid19` API answers `{"detail": …}` like the 2020
+//! demo. Internal errors are logged once with a request id and answered generically.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::imaging::DecodeError;
+use crate::pipeline::AnalyseError;
+use crate::store::StoreError;
+
+/// An error answered as an OperationOutcome.
+#[derive(Debug)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// OperationOutcome issue code (`invalid`, `not-supported`, `too-costly`, `not-found`, `exception`...).
+    pub code: &'static str,
+    /// Human text.
+    pub message: String,
+}
+
+impl ApiError {
+    /// A 4xx/5xx with an issue code.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// 404.
+    pub fn not_found(what: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not-found", what)
+    }
+
+    /// 500 with the cause logged, not sent.
+    pub fn internal(cause: impl std::fmt::Display) -> Self {
+        let id = uuid::Uuid::new_v4();
+        tracing::error!(error_id = %id, "internal error: {cause}");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "exception",
+            format!("internal error (id {id}); see the server log"),
+        )
+    }
+
+    /// The OperationOutcome body.
+    pub fn outcome(&self) -> serde_json::Value {
+        let severity = if self.status.is_server_error() {
+            "fatal"
+        } else {
+            "error"
+        };
+        json!({
+            "resourceType": "OperationOutcome",
+            "issue": [{"severity": severity, "code": self.code, "diagnostics": self.message}]
+        })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, self.outcome().to_string()).into_response();
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/fhir+json"),
+        );
+        r
+    }
+}
+
+impl From<DecodeError> for ApiError {
+    fn from(e: DecodeError) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", e.to_string())
+    }
+}
+
+impl From<AnalyseError> for ApiError {
+    fn from(e: AnalyseError) -> Self {
+        match e {
+            AnalyseError::Decode(d) => d.into(),
+            other => Self::internal(other),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        Self::internal(e)
+    }
+}
+
+/// Maps a body-reading failure: 413 when over the limit, else 400.
+pub fn body_error(status: StatusCode, text: String, limit: usize) -> ApiError {
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(
+            status,
+            "too-costly",
+            format!("request body larger than the limit of {limit} bytes"),
+        )
+    } else {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid", text)
+    }
+}
+
+/// An error of the legacy API: `{"detail": "..."}`.
+#[derive(Debug)]
+pub struct LegacyError(pub StatusCode, pub String);
+
+impl IntoResponse for LegacyError {
+    fn into_response(self) -> Response {
+        (self.0, axum::Json(json!({"detail": self.1}))).into_response()
+    }
+}
+
+impl From<ApiError> for LegacyError {
+    fn from(e: ApiError) -> Self {
+        // The 2020 demo answered 400 for anything wrong with the image.
+        let status = if e.status == StatusCode::UNPROCESSABLE_ENTITY {
+            StatusCode::BAD_REQUEST
+        } else {
+            e.status
+        };
+        Self(status, e.message)
+    }
+}

@@ -1,0 +1,263 @@
+//! The 2020 demo's API, drop-in: `/covid19/api/v1/...` with the form field `b64` (urlencoded or
+//! multipart), the demo's JSON keys (typo `Classfication` included) and label names, and the
+//! `/static/source|result/...` URLs it links to (served from stored results).
+
+use std::collections::HashMap;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Multipart, Path, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Form, Json};
+use base64::Engine as _;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::base_url;
+use super::error::{ApiError, LegacyError};
+use crate::app::AppState;
+use crate::imaging::MediaType;
+use crate::inference::ImageModel;
+use crate::pipeline::{self, Analysis};
+
+const COVID: &str = "840539006";
+const PNEUMONIA: &str = "233604007";
+const NORMAL: &str = "281900007";
+
+/// `GET /covid19/api/v1/healthcheck`.
+pub async fn healthcheck() -> Json<&'static str> {
+    Json("Covid19 detector API is live!\n\n")
+}
+
+/// Reads field `b64` from an urlencoded or multipart form and decodes it.
+async fn b64_field(req: Request) -> Result<Bytes, LegacyError> {
+    let ct = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let text: Vec<u8> = if ct.starts_with("multipart/form-data") {
+        let mut mp = Multipart::from_request(req, &())
+            .await
+            .map_err(|e| LegacyError(e.status(), e.body_text()))?;
+        let mut found = None;
+        while let Some(field) = mp
+            .next_field()
+            .await
+            .map_err(|e| LegacyError(e.status(), e.body_text()))?
+        {
+            if field.name() == Some("b64") {
+                found = Some(
+                    field
+                        .bytes()
+                        .await
+                        .map_err(|e| LegacyError(e.status(), e.body_text()))?
+                        .to_vec(),
+                );
+                break;
+            }
+        }
+        found.ok_or_else(|| {
+            LegacyError(StatusCode::BAD_REQUEST, "missing form field 'b64'".into())
+        })?
+    } else {
+        let Form(map) = Form::<HashMap<String, String>>::from_request(req, &())
+            .await
+            .map_err(|e| LegacyError(e.status(), e.body_text()))?;
+        map.get("b64")
+            .ok_or_else(|| LegacyError(StatusCode::BAD_REQUEST, "missing form field 'b64'".into()))?
+            .clone()
+            .into_bytes()
+    };
+    decode_b64(&text).map(Bytes::from).ok_or_else(|| {
+        LegacyError(
+            StatusCode::BAD_REQUEST,
+            "field b64 is not valid base64".into(),
+        )
+    })
+}
+
+/// Lenient base64: whitespace ignored, padding optional, standard or URL-safe alphabet.
+pub fn decode_b64(text: &[u8]) -> Option<Vec<u8>> {
+    let clean: Vec<u8> = text
+        .iter()
+        .copied()
+        .filter(|c| !c.is_ascii_whitespace())
+        .collect();
+    if clean.is_empty() {
+        return None;
+    }
+    let e = &base64::engine::general_purpose::STANDARD;
+    e.decode(&clean)
+        .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(&clean))
+        .or_else(|_| base64::engine::general_purpose::URL_SAFE.decode(&clean))
+        .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(&clean))
+        .ok()
+}
+
+fn model(state: &AppState) -> Result<std::sync::Arc<ImageModel>, LegacyError> {
+    state.models.image_model(None).cloned().ok_or_else(|| {
+        LegacyError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no image model loaded".into(),
+        )
+    })
+}
+
+fn media(bytes: &[u8]) -> Result<MediaType, LegacyError> {
+    MediaType::sniff(bytes).ok_or_else(|| {
+        LegacyError(
+            StatusCode::BAD_REQUEST,
+            "b64 does not hold a PNG, JPEG or DICOM file".into(),
+        )
+    })
+}
+
+/// The demo's label names, by SNOMED code.
+fn legacy_label(model: &ImageModel, class: usize) -> String {
+    let l = &model.labels()[class];
+    match l.code.as_str() {
+        COVID => "Covid19".into(),
+        NORMAL => "Normal_Lung".into(),
+        PNEUMONIA => "Pneumonia_Bacterial_Lung".into(),
+        _ => l.display.clone(),
+    }
+}
+
+fn index_of(model: &ImageModel, code: &str) -> Option<usize> {
+    model.labels().iter().position(|l| l.code == code)
+}
+
+async fn run(state: &AppState, req: Request) -> Result<(Analysis, HeaderMap), LegacyError> {
+    let headers = req.headers().clone();
+    let bytes = b64_field(req).await?;
+    let media = media(&bytes)?;
+    let model = model(state)?;
+    let base = base_url(state, &headers);
+    let a = pipeline::analyse(model, bytes, media, move |id| {
+        Some(format!("{base}/v1/results/{id}/overlay.png"))
+    })
+    .await
+    .map_err(|e| LegacyError::from(ApiError::from(e)))?;
+    Ok((a, headers))
+}
+
+fn raw(a: &Analysis) -> Value {
+    json!([a
+        .prediction
+        .probabilities
+        .iter()
+        .map(|p| f64::from(*p))
+        .collect::<Vec<_>>()])
+}
+
+fn timed(a: &Analysis, body: Value) -> Response {
+    ([("server-timing", a.server_timing())], Json(body)).into_response()
+}
+
+/// `POST /covid19/api/v1/predict/`: class and raw probabilities.
+pub async fn predict(State(state): State<AppState>, req: Request) -> Result<Response, LegacyError> {
+    let (a, _) = run(&state, req).await?;
+    let body = json!({
+        "model_name": a.model.manifest.name,
+        "X-Ray_Classification_Result": legacy_label(&a.model, a.prediction.class),
+        "X-Ray_Classfication_Raw_Result": raw(&a),
+    });
+    Ok(timed(&a, body))
+}
+
+/// `POST /covid19/api/v1/predict/heatmap`: the demo's wording, plus URLs of the stored input and
+/// heatmap overlay.
+pub async fn predict_heatmap(
+    State(state): State<AppState>,
+    req: Request,
+) -> Result<Response, LegacyError> {
+    let (a, headers) = run(&state, req).await?;
+    state
+        .store
+        .save_analysis(&a, "legacy")
+        .await
+        .map_err(|e| LegacyError::from(ApiError::from(e)))?;
+    let p = &a.prediction.probabilities;
+    let covid = index_of(&a.model, COVID);
+    let pos = covid.map_or(0, |i| (p[i] * 100.0).round() as i64);
+    let (text, prefix) = if Some(a.prediction.class) == covid && pos > 65 {
+        ("Covid-19 POSITIVE", "Covid19")
+    } else if Some(a.prediction.class) == index_of(&a.model, PNEUMONIA) {
+        (
+            "Covid-19 Negative; Bacterial Penumonia Positive",
+            "BacPenumonia",
+        )
+    } else {
+        ("Covid-19 Negative; Bacterial Penumonia Negative", "Normal")
+    };
+    let base = base_url(&state, &headers);
+    let body = json!({
+        "model_name": a.model.manifest.name,
+        "X-Ray_Classification_Result": text,
+        "X-Ray_Classification_Covid19_Probability": pos as f64 / 100.0,
+        "X-Ray_Classfication_Raw_Result": raw(&a),
+        "Input_Image": format!("{base}/static/source/{}.png", a.id),
+        "Output_Heatmap": format!("{base}/static/result/{prefix}_{pos}_{}_png.png", a.id),
+    });
+    Ok(timed(&a, body))
+}
+
+fn id_in(file: &str) -> Option<Uuid> {
+    let stem = file.strip_suffix(".png")?;
+    stem.split('_').find_map(|part| Uuid::parse_str(part).ok())
+}
+
+async fn legacy_blob(
+    state: &AppState,
+    file: &str,
+    name: &'static str,
+) -> Result<Response, LegacyError> {
+    let not_found = || LegacyError(StatusCode::NOT_FOUND, "Not Found".into());
+    let id = id_in(file).ok_or_else(not_found)?;
+    let data = state
+        .store
+        .analysis_blob(&id, name)
+        .await
+        .map_err(|e| LegacyError::from(ApiError::from(e)))?
+        .ok_or_else(not_found)?;
+    Ok(([(header::CONTENT_TYPE, "image/png")], data).into_response())
+}
+
+/// `GET /static/source/{file}`: the decoded input of a heatmap request.
+pub async fn source_image(
+    State(state): State<AppState>,
+    Path(file): Path<String>,
+) -> Result<Response, LegacyError> {
+    legacy_blob(&state, &file, "input.png").await
+}
+
+/// `GET /static/result/{file}`: the heatmap overlay of a heatmap request.
+pub async fn result_image(
+    State(state): State<AppState>,
+    Path(file): Path<String>,
+) -> Result<Response, LegacyError> {
+    legacy_blob(&state, &file, "overlay.png").await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_is_lenient_like_the_demo() {
+        assert_eq!(decode_b64(b"aGVs\nbG8=").as_deref(), Some(&b"hello"[..]));
+        assert_eq!(decode_b64(b"aGVsbG8").as_deref(), Some(&b"hello"[..]));
+        assert_eq!(decode_b64(b"!!!"), None);
+        assert_eq!(decode_b64(b""), None);
+    }
+
+    #[test]
+    fn finds_the_id_in_legacy_file_names() {
+        let id = Uuid::new_v4();
+        assert_eq!(id_in(&format!("Covid19_93_{id}_png.png")), Some(id));
+        assert_eq!(id_in(&format!("{id}.png")), Some(id));
+        assert_eq!(id_in("../../etc/passwd"), None);
+    }
+}

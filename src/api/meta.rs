@@ -1,0 +1,58 @@
+//! Service routes: health, readiness, the model list, the web page, the API docs and spec.
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use crate::app::AppState;
+
+/// `GET /healthz`: the process answers.
+pub async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// `GET /readyz`: models loaded and the database answers.
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    let models: Vec<String> = state
+        .models
+        .describe()
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
+    let ready = !state.models.image.is_empty() && state.store.ping().await;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({"status": if ready { "ready" } else { "not ready" }, "models": models})),
+    )
+        .into_response()
+}
+
+/// `GET /v1/models`.
+pub async fn models(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(json!({"models": state.models.describe()}))
+}
+
+/// `GET /`: the upload page.
+pub async fn index() -> Html<&'static str> {
+    Html(include_str!("assets/index.html"))
+}
+
+/// `GET /docs`: interactive API docs (self-contained, no CDN).
+pub async fn docs() -> Html<&'static str> {
+    Html(include_str!("assets/docs.html"))
+}
+
+/// The OpenAPI document served at `/openapi.json`.
+pub const OPENAPI: &str = include_str!("assets/openapi.json");
+
+/// `GET /openapi.json`.
+pub async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}

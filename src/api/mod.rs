@@ -1,0 +1,59 @@
+//! The HTTP API (axum): routes, thin handlers, error mapping. Handlers extract, call one use
+//! case ([`crate::pipeline`], [`crate::store`]) and map the answer; nothing here does maths or SQL.
+
+pub mod analyze;
+pub mod error;
+pub mod legacy;
+pub mod meta;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::HeaderMap;
+use axum::routing::{get, post};
+use axum::Router;
+use tower_http::trace::TraceLayer;
+
+use crate::app::AppState;
+
+/// The whole router.
+pub fn router(state: AppState) -> Router {
+    let limit = state.max_body;
+    Router::new()
+        .route("/", get(meta::index))
+        .route("/docs", get(meta::docs))
+        .route("/openapi.json", get(meta::openapi))
+        .route("/healthz", get(meta::healthz))
+        .route("/readyz", get(meta::readyz))
+        .route("/v1/models", get(meta::models))
+        .route("/v1/analyze", post(analyze::analyze))
+        .route("/v1/results/{id}", get(analyze::result))
+        .route("/v1/results/{id}/bundle", get(analyze::bundle))
+        .route("/v1/results/{id}/overlay.png", get(analyze::overlay))
+        .route("/v1/results/{id}/input.png", get(analyze::input))
+        .route("/covid19/api/v1/healthcheck", get(legacy::healthcheck))
+        .route("/covid19/api/v1/predict/", post(legacy::predict))
+        .route(
+            "/covid19/api/v1/predict/heatmap",
+            post(legacy::predict_heatmap),
+        )
+        .route("/static/source/{file}", get(legacy::source_image))
+        .route("/static/result/{file}", get(legacy::result_image))
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// The base URL for links: the configured public URL, or `http://<Host>` of the request.
+pub fn base_url(state: &AppState, headers: &HeaderMap) -> String {
+    if let Some(u) = &state.public_url {
+        return u.trim_end_matches('/').to_string();
+    }
+    let host = headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| {
+            h.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '-' | '[' | ']'))
+        })
+        .unwrap_or("localhost");
+    format!("http://{host}")
+}

@@ -1,0 +1,181 @@
+//! Settings: defaults, then `carina.toml` (or `--config FILE`), then `CARINA_*` environment
+//! variables, then command-line flags. Secrets (none yet) are never printed.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::inference::ExecutionProvider;
+
+/// Every setting of `carina serve` / `carina predict`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// HTTP listen address.
+    pub http: SocketAddr,
+    /// Data folder (database, blobs).
+    pub data_dir: PathBuf,
+    /// Model packages folder.
+    pub models: PathBuf,
+    /// Where sessions run.
+    pub execution_provider: ExecutionProvider,
+    /// ONNX Runtime intra-op threads per session (0 = all cores).
+    pub intra_threads: usize,
+    /// Largest batch formed from concurrent requests.
+    pub max_batch: usize,
+    /// Explicit `libonnxruntime.so` path (else found automatically).
+    pub onnxruntime: Option<PathBuf>,
+    /// Largest accepted request body, in MiB.
+    pub max_body_mb: usize,
+    /// Public base URL used in links (else taken from the request's Host header).
+    pub public_url: Option<String>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            http: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            data_dir: PathBuf::from("./data"),
+            models: PathBuf::from("./models"),
+            execution_provider: ExecutionProvider::Auto,
+            intra_threads: 0,
+            max_batch: 4,
+            onnxruntime: None,
+            max_body_mb: 64,
+            public_url: None,
+        }
+    }
+}
+
+/// Problems with the configuration (stop start-up).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// File unreadable or invalid.
+    #[error("{}: {message}", path.display())]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// Environment variable invalid.
+    #[error("environment variable {name}: {message}")]
+    Env {
+        /// Variable name.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Settings {
+    /// Loads defaults ← file ← environment. `file` is the `--config` flag; without it
+    /// `./carina.toml` is read when present.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file or variable at fault.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let path = file.map(Path::to_path_buf).or_else(|| {
+            let p = PathBuf::from("carina.toml");
+            p.is_file().then_some(p)
+        });
+        let mut s = match &path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| ConfigError::File {
+                    path: p.clone(),
+                    message: e.to_string(),
+                })?;
+                toml::from_str(&text).map_err(|e| ConfigError::File {
+                    path: p.clone(),
+                    message: e.to_string(),
+                })?
+            }
+            None => Settings::default(),
+        };
+        s.apply_env(|k| std::env::var(k).ok())?;
+        Ok(s)
+    }
+
+    /// Applies `CARINA_*` variables read through `get`.
+    ///
+    /// # Errors
+    /// [`ConfigError::Env`] for an unparsable value.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        fn parse<T: std::str::FromStr>(name: &str, v: &str) -> Result<T, ConfigError>
+        where
+            T::Err: std::fmt::Display,
+        {
+            v.parse().map_err(|e: T::Err| ConfigError::Env {
+                name: name.into(),
+                message: e.to_string(),
+            })
+        }
+        if let Some(v) = get("CARINA_HTTP") {
+            self.http = parse("CARINA_HTTP", &v)?;
+        }
+        if let Some(v) = get("CARINA_DATA_DIR") {
+            self.data_dir = v.into();
+        }
+        if let Some(v) = get("CARINA_MODELS") {
+            self.models = v.into();
+        }
+        if let Some(v) = get("CARINA_EXECUTION_PROVIDER") {
+            self.execution_provider = match v.to_ascii_lowercase().as_str() {
+                "auto" => ExecutionProvider::Auto,
+                "cuda" => ExecutionProvider::Cuda,
+                "cpu" => ExecutionProvider::Cpu,
+                _ => {
+                    return Err(ConfigError::Env {
+                        name: "CARINA_EXECUTION_PROVIDER".into(),
+                        message: format!("'{v}' is not auto, cuda or cpu"),
+                    })
+                }
+            };
+        }
+        if let Some(v) = get("CARINA_INTRA_THREADS") {
+            self.intra_threads = parse("CARINA_INTRA_THREADS", &v)?;
+        }
+        if let Some(v) = get("CARINA_MAX_BATCH") {
+            self.max_batch = parse("CARINA_MAX_BATCH", &v)?;
+        }
+        if let Some(v) = get("CARINA_ONNXRUNTIME") {
+            self.onnxruntime = Some(v.into());
+        }
+        if let Some(v) = get("CARINA_MAX_BODY_MB") {
+            self.max_body_mb = parse("CARINA_MAX_BODY_MB", &v)?;
+        }
+        if let Some(v) = get("CARINA_PUBLIC_URL") {
+            self.public_url = Some(v);
+        }
+        Ok(())
+    }
+
+    /// Body limit in bytes.
+    pub fn max_body_bytes(&self) -> usize {
+        self.max_body_mb.saturating_mul(1024 * 1024)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_overrides_file_values_and_bad_values_are_named() {
+        let mut s: Settings = toml::from_str("http = \"127.0.0.1:9000\"\nmax_batch = 2").unwrap();
+        assert_eq!(s.max_batch, 2);
+        s.apply_env(|k| (k == "CARINA_MAX_BATCH").then(|| "8".to_string()))
+            .unwrap();
+        assert_eq!(s.max_batch, 8);
+        assert_eq!(s.http.port(), 9000);
+        let e = s
+            .apply_env(|k| (k == "CARINA_EXECUTION_PROVIDER").then(|| "tpu".to_string()))
+            .unwrap_err();
+        assert!(e.to_string().contains("CARINA_EXECUTION_PROVIDER"));
+        assert!(
+            toml::from_str::<Settings>("htp = 1").is_err(),
+            "unknown keys are rejected"
+        );
+    }
+}

@@ -1,0 +1,259 @@
+//! Bytes + media type → [`DecodedImage`]. DICOM pixel data goes through dicom-pixeldata with the
+//! Modality LUT / rescale, the first VOI LUT or window, and MONOCHROME1 inversion applied, then
+//! is narrowed to 8 bits: the same 8-bit picture a viewer shows is what the model sees.
+
+use std::io::Cursor;
+
+use dicom_dictionary_std::tags;
+use dicom_object::file::ReadPreamble;
+use dicom_object::{DefaultDicomObject, OpenFileOptions};
+use dicom_pixeldata::{ConvertOptions, PixelDecoder};
+use image::{DynamicImage, GrayImage, ImageFormat, RgbImage};
+
+/// Media types Carina decodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MediaType {
+    /// `image/png`
+    Png,
+    /// `image/jpeg`
+    Jpeg,
+    /// `application/dicom` (Part 10 file)
+    Dicom,
+}
+
+impl MediaType {
+    /// Parses a `Content-Type` value (parameters ignored).
+    pub fn from_content_type(value: &str) -> Option<Self> {
+        let essence = value
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        match essence.as_str() {
+            "image/png" => Some(Self::Png),
+            "image/jpeg" | "image/jpg" => Some(Self::Jpeg),
+            "application/dicom" => Some(Self::Dicom),
+            _ => None,
+        }
+    }
+
+    /// Guesses from the first bytes (for the legacy API and the CLI, which get no media type).
+    pub fn sniff(bytes: &[u8]) -> Option<Self> {
+        if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+            Some(Self::Png)
+        } else if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+            Some(Self::Jpeg)
+        } else if bytes.get(128..132) == Some(b"DICM") || bytes.starts_with(b"DICM") {
+            Some(Self::Dicom)
+        } else {
+            None
+        }
+    }
+}
+
+/// Identifiers and routing attributes read from a DICOM instance.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DicomMeta {
+    /// Study Instance UID.
+    pub study_uid: Option<String>,
+    /// Series Instance UID.
+    pub series_uid: Option<String>,
+    /// SOP Instance UID.
+    pub sop_instance_uid: Option<String>,
+    /// SOP Class UID.
+    pub sop_class_uid: Option<String>,
+    /// Modality (CR, DX, ...).
+    pub modality: Option<String>,
+    /// Patient ID (never logged).
+    pub patient_id: Option<String>,
+    /// Accession number.
+    pub accession_number: Option<String>,
+}
+
+/// An 8-bit image ready for preprocessing, with what is known of its origin.
+#[derive(Debug, Clone)]
+pub struct DecodedImage {
+    /// Pixels: gray when the source is monochrome, RGB otherwise.
+    pub image: DynamicImage,
+    /// DICOM attributes, when the source was DICOM.
+    pub dicom: Option<DicomMeta>,
+}
+
+/// Why bytes could not be turned into an image (a client problem: 422).
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// PNG/JPEG decoder failure.
+    #[error("the {0} image cannot be decoded: {1}")]
+    Image(&'static str, String),
+    /// Not a DICOM Part 10 stream or not parseable.
+    #[error("the DICOM file cannot be read: {0}")]
+    Dicom(String),
+    /// DICOM without usable pixel data.
+    #[error("the DICOM pixel data cannot be decoded: {0}")]
+    Pixels(String),
+    /// Image of size zero or absurdly large.
+    #[error("image dimensions {0}x{1} are outside the accepted range (1..={2} per side)")]
+    Dimensions(u32, u32, u32),
+}
+
+/// Largest accepted side, in pixels (a 16-bit 8k x 8k radiograph is 128 MiB decoded).
+pub const MAX_SIDE: u32 = 8192;
+
+/// Decodes `bytes` as `media`.
+///
+/// # Errors
+/// [`DecodeError`] when the bytes are not a decodable image of that type.
+pub fn decode(bytes: &[u8], media: MediaType) -> Result<DecodedImage, DecodeError> {
+    let decoded = match media {
+        MediaType::Png => decode_raster(bytes, ImageFormat::Png, "PNG")?,
+        MediaType::Jpeg => decode_raster(bytes, ImageFormat::Jpeg, "JPEG")?,
+        MediaType::Dicom => decode_dicom(bytes)?,
+    };
+    let (w, h) = (decoded.image.width(), decoded.image.height());
+    if w == 0 || h == 0 || w > MAX_SIDE || h > MAX_SIDE {
+        return Err(DecodeError::Dimensions(w, h, MAX_SIDE));
+    }
+    Ok(decoded)
+}
+
+fn decode_raster(
+    bytes: &[u8],
+    format: ImageFormat,
+    name: &'static str,
+) -> Result<DecodedImage, DecodeError> {
+    let mut reader = image::ImageReader::with_format(Cursor::new(bytes), format);
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    reader.limits(limits);
+    let img = reader
+        .decode()
+        .map_err(|e| DecodeError::Image(name, e.to_string()))?;
+    Ok(DecodedImage {
+        image: to_8bit(img),
+        dicom: None,
+    })
+}
+
+/// Narrows to 8-bit gray or RGB: 16-bit gray is min-max stretched (as the 2020 demo's OpenCV
+/// path did), alpha is dropped.
+fn to_8bit(img: DynamicImage) -> DynamicImage {
+    match img {
+        DynamicImage::ImageLuma8(_) | DynamicImage::ImageRgb8(_) => img,
+        DynamicImage::ImageLumaA8(_) => DynamicImage::ImageLuma8(img.to_luma8()),
+        DynamicImage::ImageLuma16(g) => {
+            let (lo, hi) = g.pixels().fold((u16::MAX, 0u16), |(lo, hi), p| {
+                (lo.min(p.0[0]), hi.max(p.0[0]))
+            });
+            let range = f32::from(hi.saturating_sub(lo)).max(1.0);
+            let out = GrayImage::from_fn(g.width(), g.height(), |x, y| {
+                let v = f32::from(g.get_pixel(x, y).0[0] - lo) * 255.0 / range;
+                image::Luma([v.round().clamp(0.0, 255.0) as u8])
+            });
+            DynamicImage::ImageLuma8(out)
+        }
+        DynamicImage::ImageLumaA16(_) => to_8bit(DynamicImage::ImageLuma16(img.to_luma16())),
+        other => DynamicImage::ImageRgb8(RgbImage::from(other.to_rgb8())),
+    }
+}
+
+fn decode_dicom(bytes: &[u8]) -> Result<DecodedImage, DecodeError> {
+    let offset = if bytes.get(128..132) == Some(b"DICM") {
+        128
+    } else if bytes.starts_with(b"DICM") {
+        0
+    } else {
+        return Err(DecodeError::Dicom(
+            "no DICM prefix: not a DICOM Part 10 file".into(),
+        ));
+    };
+    let obj = OpenFileOptions::new()
+        .read_preamble(ReadPreamble::Never)
+        .from_reader(&bytes[offset..])
+        .map_err(|e| DecodeError::Dicom(e.to_string()))?;
+    let meta = dicom_meta(&obj);
+    let pixels = obj
+        .decode_pixel_data_frame(0)
+        .map_err(|e| DecodeError::Pixels(e.to_string()))?;
+    let options = ConvertOptions::new().force_8bit();
+    let img = pixels
+        .to_dynamic_image_with_options(0, &options)
+        .map_err(|e| DecodeError::Pixels(e.to_string()))?;
+    Ok(DecodedImage {
+        image: to_8bit(img),
+        dicom: Some(meta),
+    })
+}
+
+/// Reads the identifying attributes of a DICOM object.
+pub fn dicom_meta(obj: &DefaultDicomObject) -> DicomMeta {
+    let text = |tag| {
+        obj.element_opt(tag)
+            .ok()
+            .flatten()
+            .and_then(|e| e.to_str().ok())
+            .map(|s| s.trim_end_matches(['\0', ' ']).to_string())
+            .filter(|s| !s.is_empty())
+    };
+    DicomMeta {
+        study_uid: text(tags::STUDY_INSTANCE_UID),
+        series_uid: text(tags::SERIES_INSTANCE_UID),
+        sop_instance_uid: text(tags::SOP_INSTANCE_UID),
+        sop_class_uid: text(tags::SOP_CLASS_UID),
+        modality: text(tags::MODALITY),
+        patient_id: text(tags::PATIENT_ID),
+        accession_number: text(tags::ACCESSION_NUMBER),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sniffs_media_types() {
+        assert_eq!(
+            MediaType::sniff(b"\x89PNG\r\n\x1a\nrest"),
+            Some(MediaType::Png)
+        );
+        assert_eq!(
+            MediaType::sniff(&[0xFF, 0xD8, 0xFF, 0xE0]),
+            Some(MediaType::Jpeg)
+        );
+        let mut dcm = vec![0u8; 128];
+        dcm.extend_from_slice(b"DICM");
+        assert_eq!(MediaType::sniff(&dcm), Some(MediaType::Dicom));
+        assert_eq!(MediaType::sniff(b"GIF89a"), None);
+        assert_eq!(
+            MediaType::from_content_type("image/PNG; q=1"),
+            Some(MediaType::Png)
+        );
+        assert_eq!(MediaType::from_content_type("text/plain"), None);
+    }
+
+    #[test]
+    fn garbage_is_a_decode_error_not_a_panic() {
+        assert!(matches!(
+            decode(b"\x89PNG\r\n\x1a\nnope", MediaType::Png),
+            Err(DecodeError::Image(..))
+        ));
+        assert!(matches!(
+            decode(b"nope", MediaType::Dicom),
+            Err(DecodeError::Dicom(..))
+        ));
+        let mut dcm = vec![0u8; 128];
+        dcm.extend_from_slice(b"DICM\x02\x00");
+        assert!(decode(&dcm, MediaType::Dicom).is_err());
+    }
+
+    #[test]
+    fn sixteen_bit_gray_is_stretched() {
+        let g = image::ImageBuffer::<image::Luma<u16>, _>::from_fn(4, 1, |x, _| {
+            image::Luma([1000 + x as u16 * 100])
+        });
+        let out = to_8bit(DynamicImage::ImageLuma16(g)).to_luma8();
+        assert_eq!(out.get_pixel(0, 0).0[0], 0);
+        assert_eq!(out.get_pixel(3, 0).0[0], 255);
+    }
+}

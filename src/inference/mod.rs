@@ -1,0 +1,238 @@
+//! Models: manifests, ONNX Runtime sessions, preprocessing and heatmaps. Everything from a
+//! decoded image to probabilities and a class activation map; nothing about HTTP or FHIR.
+
+pub mod engine;
+pub mod gradcam;
+pub mod head;
+pub mod manifest;
+pub mod model;
+pub mod onnx;
+pub mod preprocess;
+pub mod runtime;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+pub use manifest::{Manifest, Task};
+pub use model::{ImageModel, LoadError, Prediction};
+pub use runtime::{ExecutionProvider, SessionOptions};
+
+/// A tabular model (loaded and checked; served by the FHIR risk routes).
+pub struct TabularModel {
+    /// The manifest.
+    pub manifest: Manifest,
+    /// Provider running it.
+    pub provider: &'static str,
+    /// Graph input names.
+    pub inputs: Vec<String>,
+}
+
+/// Every model found under the models folder.
+pub struct Registry {
+    /// Image classifiers, sorted by name.
+    pub image: Vec<Arc<ImageModel>>,
+    /// Tabular risk models.
+    pub tabular: Vec<Arc<TabularModel>>,
+}
+
+/// One line of `carina models` / `GET /v1/models`.
+#[derive(Debug, Serialize)]
+pub struct ModelInfo {
+    /// Name.
+    pub name: String,
+    /// Version.
+    pub version: String,
+    /// Task.
+    pub task: &'static str,
+    /// Inputs with shapes.
+    pub inputs: Vec<InputInfo>,
+    /// Labels (image models).
+    pub labels: Vec<LabelInfo>,
+    /// Heatmap method (image models).
+    pub cam_method: Option<&'static str>,
+    /// Grad-CAM target tensor.
+    pub cam_target: Option<String>,
+    /// Execution provider.
+    pub provider: &'static str,
+    /// Folder.
+    pub path: PathBuf,
+}
+
+/// An input tensor.
+#[derive(Debug, Serialize)]
+pub struct InputInfo {
+    /// Name.
+    pub name: String,
+    /// Shape (batch first).
+    pub shape: Vec<i64>,
+}
+
+/// A label.
+#[derive(Debug, Serialize)]
+pub struct LabelInfo {
+    /// Key.
+    pub key: String,
+    /// Display text.
+    pub display: String,
+    /// Code system.
+    pub system: String,
+    /// Code.
+    pub code: String,
+}
+
+/// Settings for loading.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Session options.
+    pub session: SessionOptions,
+    /// Largest batch the engine forms.
+    pub max_batch: usize,
+    /// Explicit library path.
+    pub onnxruntime: Option<PathBuf>,
+}
+
+impl Registry {
+    /// Loads every `*/model.toml` below `dir`. Must run off the async runtime (it warms models up).
+    ///
+    /// # Errors
+    /// The first broken manifest or model, naming its file; or no model at all.
+    pub fn load(dir: &Path, opts: &LoadOptions) -> anyhow::Result<Self> {
+        let env = runtime::environment(opts.onnxruntime.as_deref())?;
+        let mut manifests = Vec::new();
+        let entries = std::fs::read_dir(dir)
+            .map_err(|e| anyhow::anyhow!("{}: cannot read models folder: {e}", dir.display()))?;
+        for entry in entries.filter_map(Result::ok) {
+            let path = entry.path().join("model.toml");
+            if path.is_file() {
+                manifests.push((entry.path(), Manifest::load(&path)?));
+            }
+        }
+        manifests.sort_by(|a, b| a.1.name.cmp(&b.1.name));
+        if manifests.is_empty() {
+            anyhow::bail!("{}: no model packages (*/model.toml) found", dir.display());
+        }
+        let mut image = Vec::new();
+        let mut tabular = Vec::new();
+        for (i, (pkg, m)) in manifests.iter().enumerate() {
+            if manifests[..i].iter().any(|(_, o)| o.name == m.name) {
+                anyhow::bail!(
+                    "{}: model name '{}' is used twice",
+                    pkg.join("model.toml").display(),
+                    m.name
+                );
+            }
+        }
+        for (pkg, m) in manifests {
+            match m.task {
+                Task::ImageClassification => {
+                    let model = ImageModel::load(&pkg, m, env, opts.session, opts.max_batch)?;
+                    tracing::info!(model = %model.manifest.name, version = %model.manifest.version, provider = model.provider, cam = model.cam_method().as_str(), "model loaded");
+                    image.push(Arc::new(model));
+                }
+                Task::TabularRisk => {
+                    tabular.push(Arc::new(load_tabular(&pkg, m, env, opts.session)?))
+                }
+            }
+        }
+        Ok(Self { image, tabular })
+    }
+
+    /// The image model named `name`, or the default (first by name) when `None`.
+    pub fn image_model(&self, name: Option<&str>) -> Option<&Arc<ImageModel>> {
+        match name {
+            Some(n) => self.image.iter().find(|m| m.manifest.name == n),
+            None => self.image.first(),
+        }
+    }
+
+    /// Descriptions of every model.
+    pub fn describe(&self) -> Vec<ModelInfo> {
+        let mut out: Vec<ModelInfo> = self
+            .image
+            .iter()
+            .map(|m| {
+                let man = &m.manifest;
+                ModelInfo {
+                    name: man.name.clone(),
+                    version: man.version.clone(),
+                    task: man.task.as_str(),
+                    inputs: man
+                        .input
+                        .iter()
+                        .map(|i| InputInfo {
+                            name: i.name.clone(),
+                            shape: i.shape.clone(),
+                        })
+                        .collect(),
+                    labels: man
+                        .labels
+                        .iter()
+                        .map(|l| LabelInfo {
+                            key: l.key.clone(),
+                            display: l.display.clone(),
+                            system: l.system.clone(),
+                            code: l.code.clone(),
+                        })
+                        .collect(),
+                    cam_method: Some(m.cam_method().as_str()),
+                    cam_target: m.cam_target().map(str::to_string),
+                    provider: m.provider,
+                    path: m.dir.clone(),
+                }
+            })
+            .collect();
+        out.extend(self.tabular.iter().map(|t| {
+            ModelInfo {
+                name: t.manifest.name.clone(),
+                version: t.manifest.version.clone(),
+                task: t.manifest.task.as_str(),
+                inputs: t
+                    .inputs
+                    .iter()
+                    .map(|n| InputInfo {
+                        name: n.clone(),
+                        shape: vec![-1, t.manifest.features.len() as i64],
+                    })
+                    .collect(),
+                labels: Vec::new(),
+                cam_method: None,
+                cam_target: None,
+                provider: t.provider,
+                path: PathBuf::new(),
+            }
+        }));
+        out
+    }
+}
+
+fn load_tabular(
+    dir: &Path,
+    manifest: Manifest,
+    env: &ort::environment::Environment,
+    opts: SessionOptions,
+) -> Result<TabularModel, LoadError> {
+    let path = manifest.model_path(dir);
+    let fail = |message: String| LoadError {
+        path: path.clone(),
+        message,
+    };
+    let bytes = std::fs::read(&path).map_err(|e| fail(format!("cannot read: {e}")))?;
+    let cpu = SessionOptions {
+        provider: ExecutionProvider::Cpu,
+        ..opts
+    };
+    let (session, provider) =
+        runtime::session(env, &bytes, cpu, &manifest.name).map_err(|e| fail(e.to_string()))?;
+    let inputs = session
+        .inputs()
+        .iter()
+        .map(|o| o.name().to_string())
+        .collect();
+    Ok(TabularModel {
+        manifest,
+        provider,
+        inputs,
+    })
+}

@@ -1,0 +1,23 @@
+//! Carina puts AI models into hospital workflows. Data flows down this list:
+//!
+//! - [`config`]: settings from defaults, `carina.toml`, `CARINA_*` and flags.
+//! - [`cli`]: the `carina serve | predict | models` commands.
+//! - [`app`]: state shared by HTTP handlers.
+//! - [`api`]: HTTP routes (the `/v1` API, the 2020 demo's `/covid19` API, web page, docs).
+//! - [`pipeline`]: the image analysis use case (decode → infer → Grad-CAM → overlay → FHIR).
+//! - [`imaging`]: PNG/JPEG/DICOM bytes → 8-bit images.
+//! - [`inference`]: model manifests, ONNX Runtime sessions and batching, preprocessing, Grad-CAM.
+//! - [`render`]: overlay PNGs and `.npy` dumps.
+//! - [`report`]: FHIR R4 resources (fhirbolt).
+//! - [`store`]: SQL (sqlx) and blob files.
+
+pub mod api;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod imaging;
+pub mod inference;
+pub mod pipeline;
+pub mod render;
+pub mod report;
+pub mod store;

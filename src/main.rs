@@ -1,0 +1,85 @@
+//! `carina`: settings → telemetry → models and store → HTTP server (or an offline command).
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use carina::api;
+use carina::app::AppState;
+use carina::cli::{self, Cli, Command, Common};
+use carina::inference::Registry;
+use carina::store::Store;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,ort=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Serve(common) => serve(common),
+        Command::Models(common) => cli::models(common),
+        Command::Predict(args) => cli::predict(args).and_then(|failed| match failed {
+            0 => Ok(()),
+            n => Err(anyhow::anyhow!("{n} file(s) failed")),
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("carina: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(common: &Common) -> anyhow::Result<()> {
+    let settings = common.settings()?;
+    // Models load (and warm up) before the async runtime exists: loading blocks.
+    let models = Arc::new(Registry::load(
+        &settings.models,
+        &cli::load_options(&settings),
+    )?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let store = Store::open(&settings.data_dir).await?;
+        let state = AppState {
+            models,
+            store,
+            public_url: settings.public_url.clone(),
+            max_body: settings.max_body_bytes(),
+        };
+        let listener = tokio::net::TcpListener::bind(settings.http).await?;
+        tracing::info!(addr = %listener.local_addr()?, "carina listening");
+        axum::serve(listener, api::router(state))
+            .with_graceful_shutdown(shutdown())
+            .await?;
+        tracing::info!("carina stopped");
+        Ok(())
+    })
+}
+
+async fn shutdown() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { () = ctrl_c => {}, () = term => {} }
+    tracing::info!("shutdown signal received");
+}

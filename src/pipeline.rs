@@ -1,0 +1,242 @@
+//! The image analysis use case, shared by `carina predict` and the HTTP routes:
+//! decode → preprocess → infer (batched engine) → Grad-CAM → overlay PNG → FHIR bundle.
+//! CPU stages run on the blocking pool; each stage's duration is recorded for `Server-Timing`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use image::DynamicImage;
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::imaging::{self, DecodeError, DicomMeta, MediaType};
+use crate::inference::engine::EngineError;
+use crate::inference::gradcam::CamMethod;
+use crate::inference::preprocess::Geometry;
+use crate::inference::{ImageModel, Prediction};
+use crate::render::overlay;
+use crate::report::{self, ReportInput};
+
+/// Weight of the heat colour in the overlay.
+pub const OVERLAY_ALPHA: f32 = 0.45;
+
+/// A finished analysis.
+pub struct Analysis {
+    /// Id (also the DiagnosticReport id).
+    pub id: Uuid,
+    /// Finish time.
+    pub created: DateTime<Utc>,
+    /// The model used.
+    pub model: Arc<ImageModel>,
+    /// Probabilities, winner, input tensor, map.
+    pub prediction: Prediction,
+    /// The decoded original as PNG.
+    pub input_png: Vec<u8>,
+    /// The overlay PNG, when a map was made.
+    pub overlay_png: Option<Vec<u8>>,
+    /// The FHIR Bundle.
+    pub bundle: Value,
+    /// DICOM identifiers when the input was DICOM.
+    pub dicom: Option<DicomMeta>,
+    /// Stage durations in ms.
+    pub timings: Vec<(&'static str, f64)>,
+}
+
+impl Analysis {
+    /// Key of the winning label.
+    pub fn label_key(&self) -> &str {
+        &self.model.labels()[self.prediction.class].key
+    }
+
+    /// Display text of the winning label.
+    pub fn label_display(&self) -> &str {
+        &self.model.labels()[self.prediction.class].display
+    }
+
+    /// Heatmap method actually used.
+    pub fn cam_method(&self) -> CamMethod {
+        self.prediction
+            .cam
+            .as_ref()
+            .map_or(CamMethod::None, |c| c.method)
+    }
+
+    /// `{label key: probability}`.
+    pub fn probabilities_json(&self) -> serde_json::Map<String, Value> {
+        self.model
+            .labels()
+            .iter()
+            .zip(&self.prediction.probabilities)
+            .map(|(l, p)| (l.key.clone(), Value::from(f64::from(*p))))
+            .collect()
+    }
+
+    /// `Server-Timing` header value.
+    pub fn server_timing(&self) -> String {
+        self.timings
+            .iter()
+            .map(|(k, v)| format!("{k};dur={v:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Why an analysis failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AnalyseError {
+    /// The input is not a decodable image (client error).
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// Inference failed (server error).
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// Report generation failed (server error).
+    #[error(transparent)]
+    Report(#[from] report::fhir::ReportError),
+    /// A background task died.
+    #[error("internal task failed: {0}")]
+    Task(String),
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+/// Runs the whole pipeline on `bytes`. `overlay_url` maps the analysis id to the URL where the
+/// overlay will be served (written into the Media resource).
+///
+/// # Errors
+/// [`AnalyseError::Decode`] for bad input, the other variants for server-side failures.
+pub async fn analyse(
+    model: Arc<ImageModel>,
+    bytes: bytes::Bytes,
+    media: MediaType,
+    overlay_url: impl Fn(&Uuid) -> Option<String> + Send + 'static,
+) -> Result<Analysis, AnalyseError> {
+    let t0 = Instant::now();
+    let m = model.clone();
+    let (decoded, input, mut timings) = tokio::task::spawn_blocking(move || {
+        let t = Instant::now();
+        let decoded = imaging::decode(&bytes, media)?;
+        let decode_ms = ms(t);
+        let t = Instant::now();
+        let input = m
+            .prepare(&decoded.image)
+            .ok_or_else(|| EngineError::Run("model has no image input".into()))?;
+        Ok::<_, AnalyseError>((
+            decoded,
+            input,
+            vec![("decode", decode_ms), ("preprocess", ms(t))],
+        ))
+    })
+    .await
+    .map_err(|e| AnalyseError::Task(e.to_string()))??;
+    let t = Instant::now();
+    let outputs = model.infer(&input).await?;
+    timings.push(("infer", ms(t)));
+    let m = model.clone();
+    let mut analysis = tokio::task::spawn_blocking(move || {
+        finish(
+            m,
+            decoded.image,
+            decoded.dicom,
+            input,
+            &outputs,
+            &overlay_url,
+            timings,
+        )
+    })
+    .await
+    .map_err(|e| AnalyseError::Task(e.to_string()))??;
+    analysis.timings.push(("total", ms(t0)));
+    Ok(analysis)
+}
+
+/// The same pipeline for callers outside the async runtime (the CLI's worker threads).
+///
+/// # Errors
+/// As [`analyse`].
+pub fn analyse_blocking(
+    model: &Arc<ImageModel>,
+    bytes: &[u8],
+    media: MediaType,
+    overlay_url: &dyn Fn(&Uuid) -> Option<String>,
+) -> Result<Analysis, AnalyseError> {
+    let t0 = Instant::now();
+    let decoded = imaging::decode(bytes, media)?;
+    let input = model
+        .prepare(&decoded.image)
+        .ok_or_else(|| EngineError::Run("model has no image input".into()))?;
+    let outputs = model.infer_blocking(&input)?;
+    let mut a = finish(
+        model.clone(),
+        decoded.image,
+        decoded.dicom,
+        input,
+        &outputs,
+        overlay_url,
+        Vec::new(),
+    )?;
+    a.timings.push(("total", ms(t0)));
+    Ok(a)
+}
+
+fn finish(
+    model: Arc<ImageModel>,
+    image: DynamicImage,
+    dicom: Option<DicomMeta>,
+    input: crate::inference::preprocess::InputTensor,
+    outputs: &crate::inference::engine::Outputs,
+    overlay_url: &dyn Fn(&Uuid) -> Option<String>,
+    mut timings: Vec<(&'static str, f64)>,
+) -> Result<Analysis, AnalyseError> {
+    let id = Uuid::new_v4();
+    let t = Instant::now();
+    let geometry: Geometry = input.geometry;
+    let prediction = model.interpret(input, outputs)?;
+    timings.push(("gradcam", ms(t)));
+    let t = Instant::now();
+    let overlay_png = match &prediction.cam {
+        Some(cam) => {
+            let heat = overlay::upsample(cam, &geometry, image.width(), image.height());
+            let blended = DynamicImage::ImageRgb8(overlay::blend(&image, &heat, OVERLAY_ALPHA));
+            Some(overlay::encode_png(&blended).map_err(|e| AnalyseError::Task(e.to_string()))?)
+        }
+        None => None,
+    };
+    timings.push(("overlay", ms(t)));
+    let t = Instant::now();
+    let input_png = overlay::encode_png(&image).map_err(|e| AnalyseError::Task(e.to_string()))?;
+    timings.push(("input_png", ms(t)));
+    let t = Instant::now();
+    let created = Utc::now();
+    let method = prediction
+        .cam
+        .as_ref()
+        .map_or(CamMethod::None, |c| c.method);
+    let url = overlay_url(&id);
+    let bundle = report::analysis_bundle(&ReportInput {
+        id,
+        issued: created,
+        model: (&model.manifest.name, &model.manifest.version),
+        labels: model.labels(),
+        probabilities: &prediction.probabilities,
+        class: prediction.class,
+        cam_method: method.as_str(),
+        overlay_png: overlay_png.as_deref().map(|p| (p, url)),
+        dicom: dicom.as_ref(),
+    })?;
+    timings.push(("report", ms(t)));
+    Ok(Analysis {
+        id,
+        created,
+        model,
+        prediction,
+        input_png,
+        overlay_png,
+        bundle,
+        dicom,
+        timings,
+    })
+}

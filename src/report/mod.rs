@@ -1,0 +1,6 @@
+//! Results out as FHIR R4: the DiagnosticReport bundle for an image analysis. Builders take
+//! domain values and return resources; they do no I/O.
+
+pub mod fhir;
+
+pub use fhir::{analysis_bundle, ReportInput};

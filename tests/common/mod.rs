@@ -1,0 +1,52 @@
+//! Shared helpers for integration tests: fixture paths and a process-wide model registry.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use carina::inference::{ExecutionProvider, LoadOptions, Registry, SessionOptions};
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixtures() -> PathBuf {
+    root().join("tests/fixtures")
+}
+
+pub fn load_options() -> LoadOptions {
+    LoadOptions {
+        session: SessionOptions {
+            provider: ExecutionProvider::Auto,
+            intra_threads: 1,
+        },
+        max_batch: 4,
+        onnxruntime: None,
+    }
+}
+
+/// The fixture models (tiny-gap, tiny-maxpool, tiny-mlp-head), loaded once per test binary.
+pub fn registry() -> Arc<Registry> {
+    static REG: OnceLock<Arc<Registry>> = OnceLock::new();
+    REG.get_or_init(|| {
+        Arc::new(
+            Registry::load(&fixtures().join("models"), &load_options())
+                .expect("fixture models load"),
+        )
+    })
+    .clone()
+}
+
+pub fn npy(path: impl Into<PathBuf>) -> (Vec<usize>, Vec<f32>) {
+    let p = path.into();
+    let bytes = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    carina::render::npy::decode_f32(&bytes).unwrap()
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}

@@ -1,0 +1,116 @@
+//! Golden tests: Carina's Grad-CAM on the fixture models must equal pytorch-grad-cam's maps
+//! (normalised, before upsampling) within 1e-3; its preprocessing must match training's.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use carina::inference::gradcam::CamMethod;
+use carina::inference::preprocess::{preprocess, Geometry, InputTensor};
+use common::{fixtures, max_abs_diff, npy, registry};
+
+const IMAGES: [&str; 2] = ["hannover_4d98e1de", "kermany_person1699_bacteria_4498"];
+
+fn golden_input(model: &str, img: &str) -> InputTensor {
+    let (shape, data) = npy(fixtures().join(format!("models/{model}/golden/input_{img}.npy")));
+    let geometry = Geometry {
+        input_w: 64,
+        input_h: 64,
+        left: 0,
+        top: 0,
+        content_w: 64,
+        content_h: 64,
+    };
+    InputTensor {
+        shape: [shape[0], shape[1], shape[2], shape[3]],
+        data,
+        geometry,
+    }
+}
+
+fn check_model(name: &str) {
+    let reg = registry();
+    let model = reg.image_model(Some(name)).expect("model loaded");
+    assert_eq!(
+        model.cam_method(),
+        CamMethod::GradCam,
+        "{name} should get exact Grad-CAM"
+    );
+    assert_eq!(model.cam_target(), Some("features"));
+    for img in IMAGES {
+        let input = golden_input(name, img);
+        let out = model.infer_blocking(&input).unwrap();
+        let (_, logits) = npy(fixtures().join(format!("models/{name}/golden/logits_{img}.npy")));
+        assert!(
+            max_abs_diff(&out["logits"].data, &logits) < 1e-4,
+            "{name}/{img}: logits differ"
+        );
+        for class in 0..3 {
+            let cam = model.heatmap(&out, class).unwrap().expect("a map");
+            assert_eq!(cam.method, CamMethod::GradCam);
+            let (shape, want) =
+                npy(fixtures().join(format!("models/{name}/golden/cam_{img}_class{class}.npy")));
+            assert_eq!(vec![cam.h, cam.w], shape);
+            let diff = max_abs_diff(&cam.data, &want);
+            assert!(
+                diff < 1e-3,
+                "{name}/{img}/class {class}: max |carina - pytorch-grad-cam| = {diff}"
+            );
+        }
+    }
+}
+
+#[test]
+fn gap_head_matches_pytorch_grad_cam() {
+    check_model("tiny-gap");
+}
+
+#[test]
+fn mlp_head_with_relu_and_batchnorm_matches_pytorch_grad_cam_and_target_is_auto_detected() {
+    check_model("tiny-mlp-head");
+}
+
+#[test]
+fn unsupported_head_falls_back_to_recipro_cam() {
+    let reg = registry();
+    let model = reg.image_model(Some("tiny-maxpool")).unwrap();
+    assert_eq!(model.cam_method(), CamMethod::ReciproCam);
+    let img = image::open(fixtures().join("images/hannover_4d98e1de.jpg")).unwrap();
+    let input = model.prepare(&img).unwrap();
+    let out = model.infer_blocking(&input).unwrap();
+    let p = model.interpret(input, &out).unwrap();
+    let cam = p.cam.expect("fallback map");
+    assert_eq!(cam.method, CamMethod::ReciproCam);
+    assert_eq!((cam.h, cam.w), (8, 8));
+    let (lo, hi) = cam
+        .data
+        .iter()
+        .fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+    assert!(
+        lo >= 0.0 && lo < 1e-3 && hi > 0.99,
+        "normalised map, got [{lo}, {hi}]"
+    );
+}
+
+#[test]
+fn preprocessing_matches_the_training_pipeline() {
+    let reg = registry();
+    let model = reg.image_model(Some("tiny-gap")).unwrap();
+    for img in IMAGES {
+        let file = image::open(fixtures().join(format!("images/{img}.jpg"))).unwrap();
+        let ours = preprocess(&file, model.manifest.input.as_ref().unwrap());
+        let (shape, want) = npy(fixtures().join(format!("models/tiny-gap/golden/input_{img}.npy")));
+        assert_eq!(ours.shape.to_vec(), shape);
+        let diff = max_abs_diff(&ours.data, &want);
+        let mean = ours
+            .data
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .sum::<f32>()
+            / want.len() as f32;
+        // one grey level is 1/255/0.25 = 0.0157 after normalisation; resamplers may differ by a few
+        eprintln!("{img}: max diff {diff}, mean diff {mean}");
+        assert!(mean < 0.02, "{img}: mean diff {mean}");
+        assert!(diff < 0.25, "{img}: max diff {diff}");
+    }
+}
