@@ -86,7 +86,7 @@ fn unsupported_head_falls_back_to_recipro_cam() {
         .iter()
         .fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
     assert!(
-        lo >= 0.0 && lo < 1e-3 && hi > 0.99,
+        (0.0..1e-3).contains(&lo) && hi > 0.99,
         "normalised map, got [{lo}, {hi}]"
     );
 }

@@ -3,7 +3,8 @@
 //!   [`super::head::Head`] (exact, one forward pass of the model);
 //! - ReciproCAM (Byun & Lee, 2022), gradient-free: the head is run on `h·w` copies of `A`, each
 //!   kept only around one location by a 3x3 Gaussian, and `map(i,j)` is the class probability;
-//! both normalised like pytorch-grad-cam: `(m - min) / (1e-7 + max(m - min))`.
+//!
+//! Both are normalised like pytorch-grad-cam: `(m - min) / (1e-7 + max(m - min))`.
 
 use serde::Serialize;
 

@@ -296,7 +296,7 @@ impl ImageInput {
         if !(n == 1 || n == want as usize) || self.normalise.std.len() != n {
             return Err("input.normalise mean/std need 1 or one value per channel".into());
         }
-        if self.normalise.std.iter().any(|s| *s == 0.0) {
+        if self.normalise.std.contains(&0.0) {
             return Err("input.normalise.std contains 0".into());
         }
         Ok(())

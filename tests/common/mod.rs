@@ -50,3 +50,25 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// [`registry`] from async code (loading blocks on warm-up runs).
+pub async fn registry_async() -> Arc<Registry> {
+    tokio::task::spawn_blocking(registry).await.unwrap()
+}
+
+/// The real router with the fixture models and a fresh SQLite store in a temp folder.
+pub async fn app(max_body: usize) -> (axum::Router, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = carina::store::Store::open(dir.path()).await.unwrap();
+    let state = carina::app::AppState {
+        models: registry_async().await,
+        store,
+        public_url: None,
+        max_body,
+    };
+    (carina::api::router(state), dir)
+}
+
+pub fn sample(name: &str) -> Vec<u8> {
+    std::fs::read(root().join(name)).unwrap()
+}

@@ -1,0 +1,432 @@
+//! Router tests on the real router (tower `oneshot`, no socket) with the fixture models and a
+//! real SQLite store: the /v1 API, errors as OperationOutcome, the legacy 2020 API, the docs.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use axum::body::Body;
+use axum::http::{header, Request, StatusCode};
+use axum::Router;
+use base64::Engine as _;
+use http_body_util::BodyExt;
+use serde_json::Value;
+use tower::ServiceExt;
+
+use common::{app, sample};
+
+const MB: usize = 1024 * 1024;
+const COVID_JPG: &str = "tests/fixtures/images/hannover_4d98e1de.jpg";
+
+async fn send(app: &Router, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+    let res = app.clone().oneshot(req).await.unwrap();
+    let status = res.status();
+    let headers = res.headers().clone();
+    let body = res.into_body().collect().await.unwrap().to_bytes().to_vec();
+    (status, headers, body)
+}
+
+fn post(uri: &str, ct: &str, body: Vec<u8>) -> Request<Body> {
+    Request::post(uri)
+        .header(header::CONTENT_TYPE, ct)
+        .header(header::HOST, "carina.test")
+        .body(Body::from(body))
+        .unwrap()
+}
+
+fn get(uri: &str) -> Request<Body> {
+    Request::get(uri)
+        .header(header::HOST, "carina.test")
+        .body(Body::empty())
+        .unwrap()
+}
+
+fn resources<'a>(bundle: &'a Value, kind: &str) -> Vec<&'a Value> {
+    bundle["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["resource"])
+        .filter(|r| r["resourceType"] == kind)
+        .collect()
+}
+
+fn outcome(
+    status: StatusCode,
+    headers: &axum::http::HeaderMap,
+    body: &[u8],
+    want: StatusCode,
+) -> Value {
+    assert_eq!(status, want, "{}", String::from_utf8_lossy(body));
+    assert_eq!(headers[header::CONTENT_TYPE], "application/fhir+json");
+    let v: Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(v["resourceType"], "OperationOutcome");
+    assert!(!v["issue"][0]["diagnostics"].as_str().unwrap().is_empty());
+    v
+}
+
+#[tokio::test]
+async fn analyze_jpeg_returns_a_stored_fhir_bundle_with_heatmap() {
+    let (app, _dir) = app(64 * MB).await;
+    let (status, headers, body) =
+        send(&app, post("/v1/analyze", "image/jpeg", sample(COVID_JPG))).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(headers[header::CONTENT_TYPE], "application/fhir+json");
+    assert!(headers["server-timing"]
+        .to_str()
+        .unwrap()
+        .contains("infer;dur="));
+    let bundle: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(bundle["resourceType"], "Bundle");
+    assert_eq!(bundle["type"], "collection");
+    let report = resources(&bundle, "DiagnosticReport")[0];
+    assert_eq!(report["status"], "final");
+    assert_eq!(report["meta"]["security"][0]["code"], "AIAST");
+    let obs = resources(&bundle, "Observation");
+    assert_eq!(obs.len(), 3);
+    let total: f64 = obs
+        .iter()
+        .map(|o| o["valueQuantity"]["value"].as_f64().unwrap())
+        .sum();
+    assert!(
+        (total - 1.0).abs() < 1e-4,
+        "probabilities sum to 1, got {total}"
+    );
+    let best = obs
+        .iter()
+        .max_by(|a, b| {
+            a["valueQuantity"]["value"]
+                .as_f64()
+                .partial_cmp(&b["valueQuantity"]["value"].as_f64())
+                .unwrap()
+        })
+        .unwrap();
+    assert_eq!(
+        report["conclusionCode"][0]["coding"][0], best["code"]["coding"][0],
+        "conclusion is the most probable label"
+    );
+    assert_eq!(report["result"].as_array().unwrap().len(), 3);
+    let media = resources(&bundle, "Media")[0];
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(media["content"]["data"].as_str().unwrap())
+        .unwrap();
+    let overlay = image::load_from_memory(&png).unwrap();
+    assert_eq!(
+        (overlay.width(), overlay.height()),
+        (512, 438),
+        "overlay has the original's size"
+    );
+    assert_eq!(
+        resources(&bundle, "Device")[0]["deviceName"][0]["name"],
+        "tiny-gap"
+    );
+    assert_eq!(
+        resources(&bundle, "Provenance")[0]["target"]
+            .as_array()
+            .unwrap()
+            .len(),
+        5
+    );
+
+    // stored and retrievable
+    let location = headers[header::LOCATION].to_str().unwrap().to_string();
+    let (status, _, body) = send(&app, get(&location)).await;
+    assert_eq!(status, StatusCode::OK);
+    let summary: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(summary["model"], "tiny-gap");
+    assert_eq!(summary["cam_method"], "grad-cam");
+    assert_eq!(
+        summary["display"],
+        report["conclusionCode"][0]["coding"][0]["display"]
+    );
+    let overlay_url = summary["overlay_url"].as_str().unwrap();
+    assert_eq!(media["content"]["url"], overlay_url);
+    let path = overlay_url.trim_start_matches("http://carina.test");
+    let (status, headers, served) = send(&app, get(path)).await;
+    assert_eq!(
+        (status, headers[header::CONTENT_TYPE].to_str().unwrap()),
+        (StatusCode::OK, "image/png")
+    );
+    assert_eq!(served, png, "served overlay equals the inlined one");
+    let (_, _, stored) = send(&app, get(&format!("{location}/bundle"))).await;
+    assert_eq!(serde_json::from_slice::<Value>(&stored).unwrap(), bundle);
+    let (status, _, input) = send(&app, get(&format!("{location}/input.png"))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(image::load_from_memory(&input).unwrap().width(), 512);
+}
+
+#[tokio::test]
+async fn analyze_dicom_and_png_and_choose_a_model() {
+    let (app, _dir) = app(64 * MB).await;
+    let (status, _, body) = send(
+        &app,
+        post(
+            "/v1/analyze?model=tiny-mlp-head",
+            "application/dicom",
+            sample("dicom-samples/derived_DX_covid_hannover.dcm"),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let bundle: Value = serde_json::from_slice(&body).unwrap();
+    let report = resources(&bundle, "DiagnosticReport")[0];
+    let study = report["imagingStudy"][0]["identifier"]["value"]
+        .as_str()
+        .unwrap();
+    assert!(
+        study.starts_with("urn:oid:1."),
+        "study UID from the DICOM header: {study}"
+    );
+    assert_eq!(report["subject"]["type"], "Patient");
+    assert_eq!(
+        resources(&bundle, "Device")[0]["deviceName"][0]["name"],
+        "tiny-mlp-head"
+    );
+
+    let img = image::open(common::root().join(COVID_JPG)).unwrap();
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    let (status, _, _) = send(
+        &app,
+        post("/v1/analyze?model=tiny-maxpool", "image/png", png),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn client_mistakes_get_operation_outcomes_with_the_right_status() {
+    let (app, _dir) = app(64 * MB).await;
+    let (s, h, b) = send(&app, post("/v1/analyze", "text/plain", b"hello".to_vec())).await;
+    outcome(s, &h, &b, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let (s, h, b) = send(
+        &app,
+        post(
+            "/v1/analyze",
+            "image/png",
+            b"\x89PNG\r\n\x1a\nbroken".to_vec(),
+        ),
+    )
+    .await;
+    let v = outcome(s, &h, &b, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(v["issue"][0]["diagnostics"]
+        .as_str()
+        .unwrap()
+        .contains("PNG"));
+    let (s, h, b) = send(
+        &app,
+        post(
+            "/v1/analyze",
+            "application/dicom",
+            b"not dicom at all".to_vec(),
+        ),
+    )
+    .await;
+    outcome(s, &h, &b, StatusCode::UNPROCESSABLE_ENTITY);
+    let (s, h, b) = send(&app, post("/v1/analyze", "image/jpeg", Vec::new())).await;
+    outcome(s, &h, &b, StatusCode::BAD_REQUEST);
+    let (s, h, b) = send(
+        &app,
+        post("/v1/analyze?model=nope", "image/jpeg", sample(COVID_JPG)),
+    )
+    .await;
+    outcome(s, &h, &b, StatusCode::BAD_REQUEST);
+    let (s, h, b) = send(&app, get("/v1/results/not-a-uuid")).await;
+    outcome(s, &h, &b, StatusCode::NOT_FOUND);
+    let (s, h, b) = send(&app, get(&format!("/v1/results/{}", uuid::Uuid::new_v4()))).await;
+    outcome(s, &h, &b, StatusCode::NOT_FOUND);
+
+    let (small, _dir2) = common::app(10_000).await;
+    let (s, h, b) = send(&small, post("/v1/analyze", "image/jpeg", sample(COVID_JPG))).await;
+    outcome(s, &h, &b, StatusCode::PAYLOAD_TOO_LARGE);
+    let (s, _, b) = send(
+        &small,
+        post(
+            "/covid19/api/v1/predict/",
+            "application/x-www-form-urlencoded",
+            vec![b'a'; 20_000],
+        ),
+    )
+    .await;
+    assert_eq!(
+        s,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "{}",
+        String::from_utf8_lossy(&b)
+    );
+}
+
+fn urlencoded_b64(bytes: &[u8]) -> Vec<u8> {
+    let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
+    format!(
+        "b64={}",
+        b64.replace('+', "%2B")
+            .replace('/', "%2F")
+            .replace('=', "%3D")
+    )
+    .into_bytes()
+}
+
+#[tokio::test]
+async fn legacy_api_is_drop_in() {
+    let (app, _dir) = app(64 * MB).await;
+    let (s, _, b) = send(&app, get("/covid19/api/v1/healthcheck")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&b).unwrap(),
+        "Covid19 detector API is live!\n\n"
+    );
+
+    let (s, _, b) = send(
+        &app,
+        post(
+            "/covid19/api/v1/predict/",
+            "application/x-www-form-urlencoded",
+            urlencoded_b64(&sample(COVID_JPG)),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(v["model_name"], "tiny-gap");
+    let raw = v["X-Ray_Classfication_Raw_Result"][0].as_array().unwrap();
+    assert_eq!(raw.len(), 3);
+    let labels = ["Covid19", "Normal_Lung", "Pneumonia_Bacterial_Lung"];
+    let best = (0..3)
+        .max_by(|&a, &b| raw[a].as_f64().partial_cmp(&raw[b].as_f64()).unwrap())
+        .unwrap();
+    assert_eq!(v["X-Ray_Classification_Result"], labels[best]);
+
+    // multipart, the heatmap endpoint, and the URLs it returns
+    let b64 = base64::engine::general_purpose::STANDARD.encode(sample(COVID_JPG));
+    let body = format!(
+        "--XyZ\r\nContent-Disposition: form-data; name=\"b64\"\r\n\r\n{b64}\r\n--XyZ--\r\n"
+    );
+    let (s, _, b) = send(
+        &app,
+        post(
+            "/covid19/api/v1/predict/heatmap",
+            "multipart/form-data; boundary=XyZ",
+            body.into_bytes(),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    let p_covid = v["X-Ray_Classfication_Raw_Result"][0][0].as_f64().unwrap();
+    assert!(
+        (v["X-Ray_Classification_Covid19_Probability"]
+            .as_f64()
+            .unwrap()
+            - (p_covid * 100.0).round() / 100.0)
+            .abs()
+            < 1e-9
+    );
+    assert!(v["X-Ray_Classification_Result"]
+        .as_str()
+        .unwrap()
+        .starts_with("Covid-19 "));
+    for key in ["Input_Image", "Output_Heatmap"] {
+        let url = v[key].as_str().unwrap();
+        let path = url
+            .strip_prefix("http://carina.test")
+            .expect("absolute URL on the request's host");
+        let (s, h, png) = send(&app, get(path)).await;
+        assert_eq!(
+            (s, h[header::CONTENT_TYPE].to_str().unwrap()),
+            (StatusCode::OK, "image/png"),
+            "{key}"
+        );
+        assert_eq!(image::load_from_memory(&png).unwrap().width(), 512);
+    }
+
+    for bad in [&b"b64=%%%"[..], b"b64=bm90IGFuIGltYWdl", b"other=1"] {
+        let (s, _, b) = send(
+            &app,
+            post(
+                "/covid19/api/v1/predict/",
+                "application/x-www-form-urlencoded",
+                bad.to_vec(),
+            ),
+        )
+        .await;
+        assert_eq!(
+            s,
+            StatusCode::BAD_REQUEST,
+            "{}",
+            String::from_utf8_lossy(&b)
+        );
+        assert!(serde_json::from_slice::<Value>(&b).unwrap()["detail"].is_string());
+    }
+    let (s, _, _) = send(&app, get("/static/result/nothing_here.png")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn health_models_pages_and_every_documented_route_exists() {
+    let (app, _dir) = app(64 * MB).await;
+    let (s, _, b) = send(&app, get("/healthz")).await;
+    assert_eq!((s, b.as_slice()), (StatusCode::OK, &b"ok"[..]));
+    let (s, _, b) = send(&app, get("/readyz")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&b).unwrap()["models"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    let (_, _, b) = send(&app, get("/v1/models")).await;
+    let models: Value = serde_json::from_slice(&b).unwrap();
+    let methods: Vec<&str> = models["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["cam_method"].as_str().unwrap())
+        .collect();
+    assert_eq!(methods, ["grad-cam", "recipro-cam", "grad-cam"]);
+    for page in ["/", "/docs"] {
+        let (s, h, b) = send(&app, get(page)).await;
+        assert_eq!(s, StatusCode::OK);
+        assert!(h[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html"));
+        let html = String::from_utf8(b).unwrap();
+        assert!(
+            !html.contains("https://cdn") && !html.contains("unpkg.com"),
+            "{page} loads nothing from the internet"
+        );
+    }
+    let (_, _, b) = send(&app, get("/openapi.json")).await;
+    let spec: Value = serde_json::from_slice(&b).unwrap();
+    let mut count = 0;
+    for (path, ops) in spec["paths"].as_object().unwrap() {
+        for method in ops
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|m| ["get", "post"].contains(&m.as_str()))
+        {
+            let uri = path
+                .replace("{id}", &uuid::Uuid::new_v4().to_string())
+                .replace("{file}", "x.png");
+            let req = Request::builder()
+                .method(method.to_uppercase().as_str())
+                .uri(&uri)
+                .body(Body::empty())
+                .unwrap();
+            let (s, _, b) = send(&app, req).await;
+            // the router's own 404 (unknown path) has an empty body; ours always explain
+            assert!(
+                s != StatusCode::METHOD_NOT_ALLOWED
+                    && !(s == StatusCode::NOT_FOUND && b.is_empty()),
+                "{method} {path} is not routed"
+            );
+            count += 1;
+        }
+    }
+    assert_eq!(count, 16, "every operation of openapi.json was tried");
+    let (s, _, b) = send(&app, get("/no/such/route")).await;
+    assert!(s == StatusCode::NOT_FOUND && b.is_empty());
+}
