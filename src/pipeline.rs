@@ -153,6 +153,42 @@ pub async fn analyse(
     Ok(analysis)
 }
 
+/// Classification only (no heatmap, no report): probabilities in label order, the winner, and
+/// stage durations in ms.
+///
+/// # Errors
+/// As [`analyse`].
+pub async fn classify(
+    model: Arc<ImageModel>,
+    bytes: bytes::Bytes,
+    media: MediaType,
+) -> Result<(Vec<f32>, usize, Vec<(&'static str, f64)>), AnalyseError> {
+    let t0 = Instant::now();
+    let m = model.clone();
+    let input = tokio::task::spawn_blocking(move || {
+        let decoded = imaging::decode(&bytes, media)?;
+        m.prepare(&decoded.image).ok_or_else(|| {
+            AnalyseError::Engine(EngineError::Run("model has no image input".into()))
+        })
+    })
+    .await
+    .map_err(|e| AnalyseError::Task(e.to_string()))??;
+    let prep = ms(t0);
+    let t = Instant::now();
+    let outputs = model.infer(&input).await?;
+    let infer = ms(t);
+    let (p, class) = model.classify(&outputs)?;
+    Ok((
+        p,
+        class,
+        vec![
+            ("decode_preprocess", prep),
+            ("infer", infer),
+            ("total", ms(t0)),
+        ],
+    ))
+}
+
 /// The same pipeline for callers outside the async runtime (the CLI's worker threads).
 ///
 /// # Errors

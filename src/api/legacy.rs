@@ -158,13 +158,22 @@ fn timed(a: &Analysis, body: Value) -> Response {
 
 /// `POST /covid19/api/v1/predict/`: class and raw probabilities.
 pub async fn predict(State(state): State<AppState>, req: Request) -> Result<Response, LegacyError> {
-    let (a, _) = run(&state, req).await?;
+    let bytes = b64_field(req).await?;
+    let media = media(&bytes)?;
+    let model = model(&state)?;
+    let (p, class, timings) = pipeline::classify(model.clone(), bytes, media)
+        .await
+        .map_err(|e| LegacyError::from(ApiError::from(e)))?;
     let body = json!({
-        "model_name": a.model.manifest.name,
-        "X-Ray_Classification_Result": legacy_label(&a.model, a.prediction.class),
-        "X-Ray_Classfication_Raw_Result": raw(&a),
+        "model_name": model.manifest.name,
+        "X-Ray_Classification_Result": legacy_label(&model, class),
+        "X-Ray_Classfication_Raw_Result": [p.iter().map(|v| f64::from(*v)).collect::<Vec<_>>()],
     });
-    Ok(timed(&a, body))
+    let timing: Vec<String> = timings
+        .iter()
+        .map(|(k, v)| format!("{k};dur={v:.2}"))
+        .collect();
+    Ok(([("server-timing", timing.join(", "))], Json(body)).into_response())
 }
 
 /// `POST /covid19/api/v1/predict/heatmap`: the demo's wording, plus URLs of the stored input and

@@ -294,6 +294,21 @@ impl ImageModel {
     /// # Errors
     /// [`EngineError::Run`] when expected outputs are missing or malformed.
     pub fn interpret(&self, input: InputTensor, out: &Outputs) -> Result<Prediction, EngineError> {
+        let (probabilities, class) = self.classify(out)?;
+        let cam = self.heatmap(out, class)?;
+        Ok(Prediction {
+            probabilities,
+            class,
+            input,
+            cam,
+        })
+    }
+
+    /// Probabilities in label order and the winning index, from raw outputs.
+    ///
+    /// # Errors
+    /// [`EngineError::Run`] when the probability output is missing or has the wrong length.
+    pub fn classify(&self, out: &Outputs) -> Result<(Vec<f32>, usize), EngineError> {
         let probabilities = match (&self.probs, &self.logits) {
             (Some(p), _) => out.get(p).map(|t| t.data.clone()),
             (None, Some(l)) => out.get(l).map(|t| softmax(&t.data)),
@@ -318,13 +333,7 @@ impl ImageModel {
                 }
             })
             .0;
-        let cam = self.heatmap(out, class)?;
-        Ok(Prediction {
-            probabilities,
-            class,
-            input,
-            cam,
-        })
+        Ok((probabilities, class))
     }
 
     /// The heatmap for `class` from the outputs of a run (fetched target included).
