@@ -14,9 +14,13 @@ use carina::render::overlay;
 
 fn bench(c: &mut Criterion) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let models = std::env::var("CARINA_BENCH_MODELS").map_or_else(|_| root.join("models"), PathBuf::from);
+    let models =
+        std::env::var("CARINA_BENCH_MODELS").map_or_else(|_| root.join("models"), PathBuf::from);
     let opts = LoadOptions {
-        session: SessionOptions { provider: ExecutionProvider::Cpu, intra_threads: 1 },
+        session: SessionOptions {
+            provider: ExecutionProvider::Cpu,
+            intra_threads: 1,
+        },
         max_batch: 1,
         onnxruntime: None,
     };
@@ -31,7 +35,9 @@ fn bench(c: &mut Criterion) {
     });
     let input = model.prepare(&img).unwrap();
     let out = model.infer_blocking(&input).unwrap();
-    c.bench_function(&format!("{} {name}", model.cam_method().as_str()), |b| b.iter(|| model.heatmap(&out, 0).unwrap()));
+    c.bench_function(&format!("{} {name}", model.cam_method().as_str()), |b| {
+        b.iter(|| model.heatmap(&out, 0).unwrap())
+    });
     let cam = model.heatmap(&out, 0).unwrap().unwrap();
     c.bench_function("overlay 512x438 (upsample, jet, blend, PNG)", |b| {
         b.iter(|| {
@@ -40,7 +46,9 @@ fn bench(c: &mut Criterion) {
             overlay::encode_png(&rgb).unwrap()
         })
     });
-    c.bench_function(&format!("inference batch 1 {name}"), |b| b.iter(|| model.infer_blocking(&input).unwrap()));
+    c.bench_function(&format!("inference batch 1 {name}"), |b| {
+        b.iter(|| model.infer_blocking(&input).unwrap())
+    });
 }
 
 criterion_group! {

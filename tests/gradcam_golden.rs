@@ -114,3 +114,50 @@ fn preprocessing_matches_the_training_pipeline() {
         assert!(diff < 0.25, "{img}: max diff {diff}");
     }
 }
+
+#[test]
+fn shipped_cxr_model_matches_pytorch_grad_cam() {
+    let reg =
+        carina::inference::Registry::load(&common::root().join("models"), &common::load_options())
+            .expect("shipped models load");
+    assert!(reg
+        .tabular
+        .iter()
+        .any(|t| t.manifest.name == "icu-mortality-risk"));
+    let model = reg
+        .image_model(Some("cxr-resnet-small"))
+        .expect("shipped X-ray model");
+    assert_eq!(model.cam_method(), CamMethod::GradCam);
+    let golden = fixtures().join("models/cxr-golden/golden");
+    for img in IMAGES {
+        let (shape, data) = npy(golden.join(format!("input_{img}.npy")));
+        let geometry = Geometry {
+            input_w: 224,
+            input_h: 224,
+            left: 0,
+            top: 0,
+            content_w: 224,
+            content_h: 224,
+        };
+        let input = InputTensor {
+            shape: [shape[0], shape[1], shape[2], shape[3]],
+            data,
+            geometry,
+        };
+        let out = model.infer_blocking(&input).unwrap();
+        let (_, probs) = npy(golden.join(format!("probs_{img}.npy")));
+        assert!(
+            max_abs_diff(&out["probs"].data, &probs) < 1e-4,
+            "{img}: the shipped model is the one the refs were made from"
+        );
+        for class in 0..3 {
+            let cam = model.heatmap(&out, class).unwrap().unwrap();
+            let (_, want) = npy(golden.join(format!("cam_{img}_class{class}.npy")));
+            let diff = max_abs_diff(&cam.data, &want);
+            assert!(
+                diff < 1e-3,
+                "cxr-resnet-small/{img}/class {class}: max diff {diff}"
+            );
+        }
+    }
+}

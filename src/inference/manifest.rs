@@ -23,7 +23,11 @@ pub struct Manifest {
     /// ONNX file, relative to the manifest.
     #[serde(default = "default_file")]
     pub file: String,
-    /// Input contract (image models).
+    /// `[input]` as written; image models parse it into [`Manifest::input`].
+    #[serde(rename = "input", default)]
+    pub input_table: Option<toml::Value>,
+    /// Input contract of image models (parsed from `[input]` by [`Manifest::load`]).
+    #[serde(skip)]
     pub input: Option<ImageInput>,
     /// Output tensor names.
     #[serde(default)]
@@ -235,7 +239,18 @@ impl Manifest {
             message,
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
-        let manifest: Manifest = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        let mut manifest: Manifest = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        if manifest.task == Task::ImageClassification {
+            let table = manifest
+                .input_table
+                .clone()
+                .ok_or_else(|| err("image models need an [input] table".into()))?;
+            manifest.input = Some(
+                table
+                    .try_into()
+                    .map_err(|e: toml::de::Error| err(format!("[input]: {e}")))?,
+            );
+        }
         manifest.check().map_err(err)?;
         Ok(manifest)
     }
