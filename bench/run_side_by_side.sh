@@ -15,8 +15,8 @@ PATHS=${PATHS:-"/covid19/api/v1/predict/heatmap /covid19/api/v1/predict/"}
 mkdir -p bench/results
 run_load() { # name pid port path
   "$PY" "$SHARED/bench/loadgen.py" --base-url "http://127.0.0.1:$3" --path "$4" --images "$IMAGES" \
-      --limit 27 --clients 8 --rounds 1 --cpu-pid "$2" --wait-quiet "${WAIT_QUIET:-120}" --json \
-    | "$PY" -c "import json,sys; d=json.loads(sys.stdin.read()); d.update(server='$1', path='$4'); print(json.dumps(d))" \
+      --limit 27 --clients 8 --rounds "${ROUNDS:-1}" --cpu-pid "$2" --wait-quiet "${WAIT_QUIET:-120}" --json \
+    | "$PY" -c "import json,sys; d=json.loads(sys.stdin.read()); d.update(server='$1', path='$4', rounds=${ROUNDS:-1}); print(json.dumps(d))" \
     | tee -a "$OUT"
 }
 wait_up() { for _ in $(seq 1 240); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.5; done; echo "server did not start" >&2; return 1; }

@@ -20,6 +20,7 @@ fn bench(c: &mut Criterion) {
         session: SessionOptions {
             provider: ExecutionProvider::Cpu,
             intra_threads: 1,
+            sessions: 1,
         },
         max_batch: 1,
         onnxruntime: None,

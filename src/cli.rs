@@ -102,6 +102,7 @@ pub fn load_options(s: &Settings) -> LoadOptions {
         session: SessionOptions {
             provider: s.execution_provider,
             intra_threads: s.intra_threads,
+            sessions: s.sessions_per_model,
         },
         max_batch: s.max_batch,
         onnxruntime: s.onnxruntime.clone(),

@@ -20,8 +20,10 @@ pub struct Settings {
     pub models: PathBuf,
     /// Where sessions run.
     pub execution_provider: ExecutionProvider,
-    /// ONNX Runtime intra-op threads per session (0 = all cores).
+    /// ONNX Runtime intra-op threads per session (0 = cores / sessions).
     pub intra_threads: usize,
+    /// Sessions per model on CPU sharing one request queue (0 = one per core).
+    pub sessions_per_model: usize,
     /// Largest batch formed from concurrent requests.
     pub max_batch: usize,
     /// Explicit `libonnxruntime.so` path (else found automatically).
@@ -40,6 +42,7 @@ impl Default for Settings {
             models: PathBuf::from("./models"),
             execution_provider: ExecutionProvider::Auto,
             intra_threads: 0,
+            sessions_per_model: 0,
             max_batch: 4,
             onnxruntime: None,
             max_body_mb: 64,
@@ -135,6 +138,9 @@ impl Settings {
         }
         if let Some(v) = get("CARINA_INTRA_THREADS") {
             self.intra_threads = parse("CARINA_INTRA_THREADS", &v)?;
+        }
+        if let Some(v) = get("CARINA_SESSIONS_PER_MODEL") {
+            self.sessions_per_model = parse("CARINA_SESSIONS_PER_MODEL", &v)?;
         }
         if let Some(v) = get("CARINA_MAX_BATCH") {
             self.max_batch = parse("CARINA_MAX_BATCH", &v)?;

@@ -3,7 +3,7 @@
 //! own slice of the outputs. CPU work never runs on the async runtime.
 
 use std::collections::HashMap;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 
 use ort::session::Session;
@@ -47,20 +47,23 @@ pub struct Engine {
 impl Engine {
     /// Starts the session thread. `outputs` are fetched on every run.
     pub fn start(
-        session: Session,
+        sessions: Vec<Session>,
         input_name: String,
         outputs: Vec<String>,
         max_batch: usize,
         label: &str,
     ) -> Self {
         let (tx, rx) = mpsc::channel::<Request>();
+        let rx = Arc::new(Mutex::new(rx));
         let max_batch = max_batch.max(1);
-        let name = format!("ort-{label}");
-        let spawned = thread::Builder::new()
-            .name(name)
-            .spawn(move || serve(session, &input_name, &outputs, max_batch, &rx));
-        if let Err(e) = spawned {
-            tracing::error!("cannot start inference thread: {e}");
+        for (i, session) in sessions.into_iter().enumerate() {
+            let (rx, input, outputs) = (rx.clone(), input_name.clone(), outputs.clone());
+            let spawned = thread::Builder::new()
+                .name(format!("ort-{label}-{i}"))
+                .spawn(move || serve(session, &input, &outputs, max_batch, &rx));
+            if let Err(e) = spawned {
+                tracing::error!("cannot start inference thread: {e}");
+            }
         }
         Self { tx }
     }
@@ -95,16 +98,23 @@ fn serve(
     input_name: &str,
     outputs: &[String],
     max_batch: usize,
-    rx: &mpsc::Receiver<Request>,
+    rx: &Mutex<mpsc::Receiver<Request>>,
 ) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < max_batch {
-            match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
+    loop {
+        // Take one request (waiting), then whatever else is already queued, up to max_batch;
+        // the lock is released before running so other sessions can form their own batch.
+        let batch = {
+            let Ok(queue) = rx.lock() else { return };
+            let Ok(first) = queue.recv() else { return };
+            let mut batch = vec![first];
+            while batch.len() < max_batch {
+                match queue.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
             }
-        }
+            batch
+        };
         // Samples of different shapes run in batches of their own.
         for group in group_by_shape(batch) {
             let inputs: Vec<&FloatTensor> = group.iter().map(|r| &r.input).collect();

@@ -140,8 +140,20 @@ impl ImageModel {
         let model_bytes = with_extra_outputs(&bytes, &extra);
         let (session, provider) = runtime::session(env, &model_bytes, opts, &manifest.name)
             .map_err(|e| fail(e.to_string()))?;
+        let mut sessions = vec![session];
+        if provider == "CPUExecutionProvider" {
+            let cpu = SessionOptions {
+                provider: runtime::ExecutionProvider::Cpu,
+                ..opts
+            };
+            for _ in 1..opts.cpu_sessions() {
+                let (s, _) = runtime::session(env, &model_bytes, cpu, &manifest.name)
+                    .map_err(|e| fail(e.to_string()))?;
+                sessions.push(s);
+            }
+        }
         let engine = Engine::start(
-            session,
+            sessions,
             input.name.clone(),
             fetch,
             max_batch,

@@ -144,8 +144,32 @@ pub fn environment(configured: Option<&Path>) -> Result<&'static Environment, Ru
 pub struct SessionOptions {
     /// Requested provider.
     pub provider: ExecutionProvider,
-    /// Intra-op threads (0 = ONNX Runtime's default).
+    /// Intra-op threads per session (0 = cores / sessions).
     pub intra_threads: usize,
+    /// Sessions per model on CPU, each on its own thread and sharing one queue (0 = one per
+    /// core). On CUDA one session is used.
+    pub sessions: usize,
+}
+
+impl SessionOptions {
+    /// Sessions to run on CPU.
+    pub fn cpu_sessions(&self) -> usize {
+        if self.sessions > 0 {
+            self.sessions
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+
+    /// Intra-op threads per CPU session.
+    pub fn cpu_threads(&self) -> usize {
+        if self.intra_threads > 0 {
+            self.intra_threads
+        } else {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (cores / self.cpu_sessions()).max(1)
+        }
+    }
 }
 
 fn build(
@@ -155,9 +179,7 @@ fn build(
     cuda: bool,
 ) -> ort::Result<Session> {
     let mut b = Session::builder(env)?.with_optimization_level(GraphOptimizationLevel::All)?;
-    if opts.intra_threads > 0 {
-        b = b.with_intra_threads(opts.intra_threads)?;
-    }
+    b = b.with_intra_threads(opts.cpu_threads())?;
     if cuda {
         b = b.with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])?;
     }

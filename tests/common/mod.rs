@@ -19,6 +19,7 @@ pub fn load_options() -> LoadOptions {
         session: SessionOptions {
             provider: ExecutionProvider::Auto,
             intra_threads: 1,
+            sessions: 1,
         },
         max_batch: 4,
         onnxruntime: None,
