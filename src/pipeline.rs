@@ -74,12 +74,17 @@ impl Analysis {
 
     /// `Server-Timing` header value.
     pub fn server_timing(&self) -> String {
-        self.timings
-            .iter()
-            .map(|(k, v)| format!("{k};dur={v:.2}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        server_timing(&self.timings)
     }
+}
+
+/// Formats stage durations (ms) as a `Server-Timing` header value.
+pub fn server_timing(timings: &[(&'static str, f64)]) -> String {
+    let parts: Vec<String> = timings
+        .iter()
+        .map(|(k, v)| format!("{k};dur={v:.2}"))
+        .collect();
+    parts.join(", ")
 }
 
 /// Why an analysis failed.

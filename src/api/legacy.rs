@@ -169,11 +169,8 @@ pub async fn predict(State(state): State<AppState>, req: Request) -> Result<Resp
         "X-Ray_Classification_Result": legacy_label(&model, class),
         "X-Ray_Classfication_Raw_Result": [p.iter().map(|v| f64::from(*v)).collect::<Vec<_>>()],
     });
-    let timing: Vec<String> = timings
-        .iter()
-        .map(|(k, v)| format!("{k};dur={v:.2}"))
-        .collect();
-    Ok(([("server-timing", timing.join(", "))], Json(body)).into_response())
+    let timing = pipeline::server_timing(&timings);
+    Ok(([("server-timing", timing)], Json(body)).into_response())
 }
 
 /// `POST /covid19/api/v1/predict/heatmap`: the demo's wording, plus URLs of the stored input and
