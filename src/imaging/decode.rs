@@ -105,6 +105,24 @@ pub const MAX_SIDE: u32 = 8192;
 /// # Errors
 /// [`DecodeError`] when the bytes are not a decodable image of that type.
 pub fn decode(bytes: &[u8], media: MediaType) -> Result<DecodedImage, DecodeError> {
+    // Codec crates can panic on unusual input (dicom-rs 0.10.1's RLE decoder does on
+    // multi-fragment frames): a client's file must get a decode error, never take a worker down.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        decode_checked(bytes, media)
+    }))
+    .unwrap_or_else(|p| {
+        let why = p
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| p.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown failure");
+        Err(DecodeError::Pixels(format!(
+            "the decoder failed on this data ({why})"
+        )))
+    })
+}
+
+fn decode_checked(bytes: &[u8], media: MediaType) -> Result<DecodedImage, DecodeError> {
     let decoded = match media {
         MediaType::Png => decode_raster(bytes, ImageFormat::Png, "PNG")?,
         MediaType::Jpeg => decode_raster(bytes, ImageFormat::Jpeg, "JPEG")?,
@@ -245,6 +263,19 @@ mod tests {
         let mut dcm = vec![0u8; 128];
         dcm.extend_from_slice(b"DICM\x02\x00");
         assert!(decode(&dcm, MediaType::Dicom).is_err());
+    }
+
+    #[test]
+    fn a_panicking_codec_becomes_a_decode_error() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/dicom-samples/D_CLUNIE_CT1_RLE_FRAGS.dcm"
+        );
+        let bytes = std::fs::read(path).unwrap();
+        match decode(&bytes, MediaType::Dicom) {
+            Ok(img) => assert_eq!(img.image.width(), 512, "decodes once dicom-rs is fixed"),
+            Err(e) => assert!(matches!(e, DecodeError::Pixels(_)), "{e}"),
+        }
     }
 
     #[test]
