@@ -27,6 +27,8 @@ pub struct TabularModel {
     pub provider: &'static str,
     /// Graph input names.
     pub inputs: Vec<String>,
+    /// The package folder.
+    pub dir: PathBuf,
 }
 
 /// Every model found under the models folder.
@@ -200,7 +202,7 @@ impl Registry {
                 cam_method: None,
                 cam_target: None,
                 provider: t.provider,
-                path: PathBuf::new(),
+                path: t.dir.clone(),
             }
         }));
         out
@@ -234,5 +236,6 @@ fn load_tabular(
         manifest,
         provider,
         inputs,
+        dir: dir.to_path_buf(),
     })
 }
