@@ -10,10 +10,10 @@ use image::DynamicImage;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::imaging::{self, DecodeError, DicomMeta, MediaType};
+use crate::imaging::{self, DecodeError, DecodedImage, DicomMeta, MediaType};
 use crate::inference::engine::EngineError;
 use crate::inference::gradcam::CamMethod;
-use crate::inference::preprocess::Geometry;
+use crate::inference::preprocess::{Geometry, InputTensor};
 use crate::inference::{ImageModel, Prediction};
 use crate::render::overlay;
 use crate::report::{self, ReportInput};
@@ -108,6 +108,39 @@ fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
+type Timings = Vec<(&'static str, f64)>;
+
+/// Decodes `bytes` and builds the model input (CPU work), timing both stages.
+fn prepare(
+    model: &ImageModel,
+    bytes: &[u8],
+    media: MediaType,
+) -> Result<(DecodedImage, InputTensor, Timings), AnalyseError> {
+    let t = Instant::now();
+    let decoded = imaging::decode(bytes, media)?;
+    let decode_ms = ms(t);
+    let t = Instant::now();
+    let input = model
+        .prepare(&decoded.image)
+        .ok_or_else(|| EngineError::Run("model has no image input".into()))?;
+    Ok((
+        decoded,
+        input,
+        vec![("decode", decode_ms), ("preprocess", ms(t))],
+    ))
+}
+
+/// [`prepare`] on the blocking pool.
+async fn prepare_off_runtime(
+    model: Arc<ImageModel>,
+    bytes: bytes::Bytes,
+    media: MediaType,
+) -> Result<(DecodedImage, InputTensor, Timings), AnalyseError> {
+    tokio::task::spawn_blocking(move || prepare(&model, &bytes, media))
+        .await
+        .map_err(|e| AnalyseError::Task(e.to_string()))?
+}
+
 /// Runs the whole pipeline on `bytes`. `overlay_url` maps the analysis id to the URL where the
 /// overlay will be served (written into the Media resource).
 ///
@@ -120,23 +153,7 @@ pub async fn analyse(
     overlay_url: impl Fn(&Uuid) -> Option<String> + Send + 'static,
 ) -> Result<Analysis, AnalyseError> {
     let t0 = Instant::now();
-    let m = model.clone();
-    let (decoded, input, mut timings) = tokio::task::spawn_blocking(move || {
-        let t = Instant::now();
-        let decoded = imaging::decode(&bytes, media)?;
-        let decode_ms = ms(t);
-        let t = Instant::now();
-        let input = m
-            .prepare(&decoded.image)
-            .ok_or_else(|| EngineError::Run("model has no image input".into()))?;
-        Ok::<_, AnalyseError>((
-            decoded,
-            input,
-            vec![("decode", decode_ms), ("preprocess", ms(t))],
-        ))
-    })
-    .await
-    .map_err(|e| AnalyseError::Task(e.to_string()))??;
+    let (decoded, input, mut timings) = prepare_off_runtime(model.clone(), bytes, media).await?;
     let t = Instant::now();
     let outputs = model.infer(&input).await?;
     timings.push(("infer", ms(t)));
@@ -169,29 +186,13 @@ pub async fn classify(
     media: MediaType,
 ) -> Result<(Vec<f32>, usize, Vec<(&'static str, f64)>), AnalyseError> {
     let t0 = Instant::now();
-    let m = model.clone();
-    let input = tokio::task::spawn_blocking(move || {
-        let decoded = imaging::decode(&bytes, media)?;
-        m.prepare(&decoded.image).ok_or_else(|| {
-            AnalyseError::Engine(EngineError::Run("model has no image input".into()))
-        })
-    })
-    .await
-    .map_err(|e| AnalyseError::Task(e.to_string()))??;
-    let prep = ms(t0);
+    let (_, input, mut timings) = prepare_off_runtime(model.clone(), bytes, media).await?;
     let t = Instant::now();
     let outputs = model.infer(&input).await?;
-    let infer = ms(t);
+    timings.push(("infer", ms(t)));
     let (p, class) = model.classify(&outputs)?;
-    Ok((
-        p,
-        class,
-        vec![
-            ("decode_preprocess", prep),
-            ("infer", infer),
-            ("total", ms(t0)),
-        ],
-    ))
+    timings.push(("total", ms(t0)));
+    Ok((p, class, timings))
 }
 
 /// The same pipeline for callers outside the async runtime (the CLI's worker threads).
@@ -205,10 +206,7 @@ pub fn analyse_blocking(
     overlay_url: &dyn Fn(&Uuid) -> Option<String>,
 ) -> Result<Analysis, AnalyseError> {
     let t0 = Instant::now();
-    let decoded = imaging::decode(bytes, media)?;
-    let input = model
-        .prepare(&decoded.image)
-        .ok_or_else(|| EngineError::Run("model has no image input".into()))?;
+    let (decoded, input, timings) = prepare(model, bytes, media)?;
     let outputs = model.infer_blocking(&input)?;
     let mut a = finish(
         model.clone(),
@@ -217,7 +215,7 @@ pub fn analyse_blocking(
         input,
         &outputs,
         overlay_url,
-        Vec::new(),
+        timings,
     )?;
     a.timings.push(("total", ms(t0)));
     Ok(a)
