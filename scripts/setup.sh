@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Installs what Carina needs, into folders of this checkout (idempotent, no root needed):
+# Installs what Carina needs, into folders of this checkout (idempotent; only --test may use apt):
 #   .deps/onnxruntime/   libonnxruntime.so from PyPI's onnxruntime wheel (ort's own download
 #                        cannot reach its host here); found automatically by `carina`.
 #   .venv/               (with --test) Python tools the tests call: FHIR R4 validators, DICOM
 #                        clients, reference decoders.
 #   tests/fhir/node_modules  (with --test) the official FHIR R4 JSON schema validator.
+#   dcmtk                (with --test) Debian's dcmtk (storescu/echoscu), a real DIMSE peer for
+#                        the tests; installed with apt-get (needs root or sudo) when missing.
 # Usage: scripts/setup.sh [--test] [--gpu]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,6 +53,12 @@ if [ "$want_gpu" = 1 ] && ! ls .deps/onnxruntime-gpu/libonnxruntime_providers_cu
 fi
 
 if [ "$want_test" = 1 ]; then
+  if ! command -v storescu >/dev/null 2>&1; then
+    echo "setup: installing dcmtk (apt-get)" >&2
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get install -y -q dcmtk >/dev/null 2>&1 \
+      || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q dcmtk >/dev/null; }
+  fi
   if [ ! -x .venv/bin/python ] || ! cmp -s tests/requirements.txt .venv/.requirements 2>/dev/null; then
     echo "setup: creating .venv with tests/requirements.txt" >&2
     "$PY" -m venv .venv
