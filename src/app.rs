@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use crate::inference::Registry;
+use crate::ingest::Ingest;
 use crate::store::Store;
 
 /// What handlers can reach.
@@ -17,4 +18,6 @@ pub struct AppState {
     pub public_url: Option<String>,
     /// Body limit in bytes.
     pub max_body: usize,
+    /// Where received DICOM goes (store + analysis queue).
+    pub ingest: Ingest,
 }

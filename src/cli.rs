@@ -51,6 +51,12 @@ pub struct Common {
     /// Execution provider: auto, cuda or cpu.
     #[arg(long, value_enum)]
     pub execution_provider: Option<ExecutionProvider>,
+    /// DIMSE C-ECHO/C-STORE listen address, e.g. 0.0.0.0:11112 (off by default).
+    #[arg(long)]
+    pub dimse: Option<std::net::SocketAddr>,
+    /// DICOM AE title (default CARINA).
+    #[arg(long)]
+    pub ae_title: Option<String>,
 }
 
 /// `carina predict` arguments.
@@ -91,6 +97,12 @@ impl Common {
         }
         if let Some(v) = self.execution_provider {
             s.execution_provider = v;
+        }
+        if let Some(v) = self.dimse {
+            s.dicom.dimse = Some(v);
+        }
+        if let Some(v) = &self.ae_title {
+            s.dicom.ae_title = v.clone();
         }
         Ok(s)
     }

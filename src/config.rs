@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::dicom::routing::Route;
 use crate::inference::ExecutionProvider;
 
 /// Every setting of `carina serve` / `carina predict`.
@@ -32,6 +33,50 @@ pub struct Settings {
     pub max_body_mb: usize,
     /// Public base URL used in links (else taken from the request's Host header).
     pub public_url: Option<String>,
+    /// The DICOM node (`[dicom]`).
+    pub dicom: DicomSettings,
+}
+
+/// `[dicom]`: DIMSE service, storage limits and routing.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DicomSettings {
+    /// DIMSE C-ECHO/C-STORE SCP listen address (`--dimse`); off when absent.
+    pub dimse: Option<SocketAddr>,
+    /// Carina's AE title.
+    pub ae_title: String,
+    /// Refuse associations whose called AE title is not `ae_title`.
+    pub check_called_ae: bool,
+    /// Calling AE titles allowed to associate (empty: any).
+    pub allowed_calling_aes: Vec<String>,
+    /// Concurrent associations; more are refused.
+    pub max_associations: usize,
+    /// Transfer syntaxes accepted in presentation contexts (empty: every syntax dicom-rs
+    /// knows, compressed ones included).
+    pub transfer_syntaxes: Vec<String>,
+    /// Largest PDU Carina receives, in bytes.
+    pub max_pdu: u32,
+    /// Refuse associations and STOW/C-STORE instances when the data folder has less free space
+    /// than this, in MiB.
+    pub min_free_mb: u64,
+    /// Routing rules (first match wins); none configured: CR/DX chest → the first image model.
+    pub routes: Vec<Route>,
+}
+
+impl Default for DicomSettings {
+    fn default() -> Self {
+        Self {
+            dimse: None,
+            ae_title: "CARINA".into(),
+            check_called_ae: true,
+            allowed_calling_aes: Vec::new(),
+            max_associations: 16,
+            transfer_syntaxes: Vec::new(),
+            max_pdu: 65536,
+            min_free_mb: 512,
+            routes: Vec::new(),
+        }
+    }
 }
 
 impl Default for Settings {
@@ -47,6 +92,7 @@ impl Default for Settings {
             onnxruntime: None,
             max_body_mb: 64,
             public_url: None,
+            dicom: DicomSettings::default(),
         }
     }
 }
@@ -153,6 +199,15 @@ impl Settings {
         }
         if let Some(v) = get("CARINA_PUBLIC_URL") {
             self.public_url = Some(v);
+        }
+        if let Some(v) = get("CARINA_DIMSE") {
+            self.dicom.dimse = Some(parse("CARINA_DIMSE", &v)?);
+        }
+        if let Some(v) = get("CARINA_AE_TITLE") {
+            self.dicom.ae_title = v;
+        }
+        if let Some(v) = get("CARINA_MIN_FREE_MB") {
+            self.dicom.min_free_mb = parse("CARINA_MIN_FREE_MB", &v)?;
         }
         Ok(())
     }

@@ -5,6 +5,8 @@
 //! - [`app`]: state shared by HTTP handlers.
 //! - [`api`]: HTTP routes (the `/v1` API, the 2020 demo's `/covid19` API, web page, docs).
 //! - [`pipeline`]: the image analysis use case (decode → infer → Grad-CAM → overlay → FHIR).
+//! - [`dicom`]: DICOM parsing, routing, DICOM JSON, Secondary Capture results, DIMSE SCP.
+//! - [`ingest`]: the one path every received instance takes: store, then queue its analysis.
 //! - [`imaging`]: PNG/JPEG/DICOM bytes → 8-bit images.
 //! - [`inference`]: model manifests, ONNX Runtime sessions and batching, preprocessing, Grad-CAM.
 //! - [`render`]: overlay PNGs and `.npy` dumps.
@@ -15,8 +17,10 @@ pub mod api;
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod dicom;
 pub mod imaging;
 pub mod inference;
+pub mod ingest;
 pub mod pipeline;
 pub mod render;
 pub mod report;

@@ -9,7 +9,9 @@ use tracing_subscriber::EnvFilter;
 use carina::api;
 use carina::app::AppState;
 use carina::cli::{self, Cli, Command, Common};
+use carina::dicom::dimse;
 use carina::inference::Registry;
+use carina::ingest::Ingest;
 use carina::store::Store;
 
 fn main() -> ExitCode {
@@ -49,17 +51,47 @@ fn serve(common: &Common) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         let store = Store::open(&settings.data_dir).await?;
+        let ingest = Ingest::new(
+            store.clone(),
+            models.clone(),
+            settings.dicom.routes.clone(),
+            settings.dicom.min_free_mb,
+            settings.public_url.clone(),
+        );
         let state = AppState {
             models,
             store,
             public_url: settings.public_url.clone(),
             max_body: settings.max_body_bytes(),
+            ingest: ingest.clone(),
         };
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = |rx: tokio::sync::watch::Receiver<bool>| async move {
+            let mut rx = rx;
+            let _ = rx.wait_for(|v| *v).await;
+        };
+        let worker = tokio::spawn(ingest.clone().run_worker(stopped(stop_rx.clone())));
+        if let Some(addr) = settings.dicom.dimse {
+            let listener = tokio::net::TcpListener::bind(addr).await?;
+            tracing::info!(addr = %listener.local_addr()?, ae_title = %settings.dicom.ae_title, "DIMSE SCP listening");
+            tokio::spawn(dimse::serve(
+                listener,
+                settings.dicom.clone(),
+                ingest,
+                settings.max_body_bytes(),
+                stopped(stop_rx.clone()),
+            ));
+        }
         let listener = tokio::net::TcpListener::bind(settings.http).await?;
         tracing::info!(addr = %listener.local_addr()?, "carina listening");
         axum::serve(listener, api::router(state))
-            .with_graceful_shutdown(shutdown())
+            .with_graceful_shutdown(async move {
+                shutdown().await;
+                let _ = stop_tx.send(true);
+            })
             .await?;
+        // the analysis worker finishes the batch it holds; unfinished ones resume at start-up
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(30), worker).await;
         tracing::info!("carina stopped");
         Ok(())
     })

@@ -110,14 +110,15 @@ fn ms(t: Instant) -> f64 {
 
 type Timings = Vec<(&'static str, f64)>;
 
-/// Decodes `bytes` and builds the model input (CPU work), timing both stages.
+/// Decodes frame `frame` of `bytes` and builds the model input (CPU work), timing both stages.
 fn prepare(
     model: &ImageModel,
     bytes: &[u8],
     media: MediaType,
+    frame: u32,
 ) -> Result<(DecodedImage, InputTensor, Timings), AnalyseError> {
     let t = Instant::now();
-    let decoded = imaging::decode(bytes, media)?;
+    let decoded = imaging::decode_frame(bytes, media, frame)?;
     let decode_ms = ms(t);
     let t = Instant::now();
     let input = model
@@ -135,8 +136,9 @@ async fn prepare_off_runtime(
     model: Arc<ImageModel>,
     bytes: bytes::Bytes,
     media: MediaType,
+    frame: u32,
 ) -> Result<(DecodedImage, InputTensor, Timings), AnalyseError> {
-    tokio::task::spawn_blocking(move || prepare(&model, &bytes, media))
+    tokio::task::spawn_blocking(move || prepare(&model, &bytes, media, frame))
         .await
         .map_err(|e| AnalyseError::Task(e.to_string()))?
 }
@@ -152,14 +154,32 @@ pub async fn analyse(
     media: MediaType,
     overlay_url: impl Fn(&Uuid) -> Option<String> + Send + 'static,
 ) -> Result<Analysis, AnalyseError> {
+    analyse_with(model, bytes, media, Uuid::new_v4(), 0, overlay_url).await
+}
+
+/// [`analyse`] with a given analysis id (stable ids make re-runs idempotent) and frame
+/// (0-based, for multi-frame DICOM).
+///
+/// # Errors
+/// As [`analyse`].
+pub async fn analyse_with(
+    model: Arc<ImageModel>,
+    bytes: bytes::Bytes,
+    media: MediaType,
+    id: Uuid,
+    frame: u32,
+    overlay_url: impl Fn(&Uuid) -> Option<String> + Send + 'static,
+) -> Result<Analysis, AnalyseError> {
     let t0 = Instant::now();
-    let (decoded, input, mut timings) = prepare_off_runtime(model.clone(), bytes, media).await?;
+    let (decoded, input, mut timings) =
+        prepare_off_runtime(model.clone(), bytes, media, frame).await?;
     let t = Instant::now();
     let outputs = model.infer(&input).await?;
     timings.push(("infer", ms(t)));
     let m = model.clone();
     let mut analysis = tokio::task::spawn_blocking(move || {
         finish(
+            id,
             m,
             decoded.image,
             decoded.dicom,
@@ -186,7 +206,7 @@ pub async fn classify(
     media: MediaType,
 ) -> Result<(Vec<f32>, usize, Vec<(&'static str, f64)>), AnalyseError> {
     let t0 = Instant::now();
-    let (_, input, mut timings) = prepare_off_runtime(model.clone(), bytes, media).await?;
+    let (_, input, mut timings) = prepare_off_runtime(model.clone(), bytes, media, 0).await?;
     let t = Instant::now();
     let outputs = model.infer(&input).await?;
     timings.push(("infer", ms(t)));
@@ -206,9 +226,10 @@ pub fn analyse_blocking(
     overlay_url: &dyn Fn(&Uuid) -> Option<String>,
 ) -> Result<Analysis, AnalyseError> {
     let t0 = Instant::now();
-    let (decoded, input, timings) = prepare(model, bytes, media)?;
+    let (decoded, input, timings) = prepare(model, bytes, media, 0)?;
     let outputs = model.infer_blocking(&input)?;
     let mut a = finish(
+        Uuid::new_v4(),
         model.clone(),
         decoded.image,
         decoded.dicom,
@@ -221,7 +242,9 @@ pub fn analyse_blocking(
     Ok(a)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn finish(
+    id: Uuid,
     model: Arc<ImageModel>,
     image: DynamicImage,
     dicom: Option<DicomMeta>,
@@ -230,7 +253,6 @@ fn finish(
     overlay_url: &dyn Fn(&Uuid) -> Option<String>,
     mut timings: Vec<(&'static str, f64)>,
 ) -> Result<Analysis, AnalyseError> {
-    let id = Uuid::new_v4();
     let t = Instant::now();
     let geometry: Geometry = input.geometry;
     let prediction = model.interpret(input, outputs)?;

@@ -15,6 +15,7 @@ use super::error::{body_error, ApiError};
 use crate::app::AppState;
 use crate::imaging::MediaType;
 use crate::pipeline;
+use crate::store::Source;
 
 /// Query of `POST /v1/analyze`.
 #[derive(Debug, Deserialize)]
@@ -66,11 +67,22 @@ pub async fn analyze(
         })?
         .clone();
     let base = base_url(&state, &headers);
-    let analysis = pipeline::analyse(model, body, media, move |id| {
-        Some(format!("{base}/v1/results/{id}/overlay.png"))
-    })
-    .await?;
-    state.store.save_analysis(&analysis, "api").await?;
+    let analysis = if media == MediaType::Dicom {
+        // DICOM takes the one ingest path: stored (idempotent by SOP Instance UID), analysed
+        // with the chosen model, Secondary Capture result stored with it.
+        let accepted = state.ingest.receive_claimed(body, Source::Api).await?;
+        state
+            .ingest
+            .process(&accepted.index.sop_instance_uid, Some(&model.manifest.name))
+            .await?
+    } else {
+        let a = pipeline::analyse(model, body, media, move |id| {
+            Some(format!("{base}/v1/results/{id}/overlay.png"))
+        })
+        .await?;
+        state.store.save_analysis(&a, "api").await?;
+        a
+    };
     let mut r = (StatusCode::OK, analysis.bundle.to_string()).into_response();
     let h = r.headers_mut();
     h.insert(

@@ -87,6 +87,35 @@ impl From<AnalyseError> for ApiError {
     }
 }
 
+impl From<crate::ingest::IngestError> for ApiError {
+    fn from(e: crate::ingest::IngestError) -> Self {
+        use crate::ingest::IngestError as E;
+        match e {
+            E::Parse(_) | E::StudyMismatch { .. } => {
+                Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", e.to_string())
+            }
+            E::OutOfResources(_) => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "transient", e.to_string())
+            }
+            E::Store(s) => s.into(),
+        }
+    }
+}
+
+impl From<crate::ingest::ProcessError> for ApiError {
+    fn from(e: crate::ingest::ProcessError) -> Self {
+        use crate::ingest::ProcessError as E;
+        match e {
+            E::Analyse(a) => a.into(),
+            E::Parse(_) | E::Skipped(_) => {
+                Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", e.to_string())
+            }
+            E::NotFound => Self::not_found("instance"),
+            other => Self::internal(other),
+        }
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         Self::internal(e)

@@ -2,6 +2,7 @@
 //! case ([`crate::pipeline`], [`crate::store`]) and map the answer; nothing here does maths or SQL.
 
 pub mod analyze;
+pub mod dicomweb;
 pub mod error;
 pub mod legacy;
 pub mod meta;
@@ -29,6 +30,55 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/results/{id}/bundle", get(analyze::bundle))
         .route("/v1/results/{id}/overlay.png", get(analyze::overlay))
         .route("/v1/results/{id}/input.png", get(analyze::input))
+        .route("/v1/instances/{sop}", get(dicomweb::instance_status))
+        .route("/v1/studies/{study}/instances", get(dicomweb::study_status))
+        .route(
+            "/dicomweb/studies",
+            get(dicomweb::search_studies).post(dicomweb::stow),
+        )
+        .route(
+            "/dicomweb/studies/{study}",
+            get(dicomweb::retrieve).post(dicomweb::stow_study),
+        )
+        .route("/dicomweb/studies/{study}/metadata", get(dicomweb::metadata))
+        .route(
+            "/dicomweb/studies/{study}/series",
+            get(dicomweb::search_study_series),
+        )
+        .route(
+            "/dicomweb/studies/{study}/instances",
+            get(dicomweb::search_scoped_instances),
+        )
+        .route(
+            "/dicomweb/studies/{study}/series/{series}",
+            get(dicomweb::retrieve),
+        )
+        .route(
+            "/dicomweb/studies/{study}/series/{series}/metadata",
+            get(dicomweb::metadata),
+        )
+        .route(
+            "/dicomweb/studies/{study}/series/{series}/instances",
+            get(dicomweb::search_scoped_instances),
+        )
+        .route(
+            "/dicomweb/studies/{study}/series/{series}/instances/{instance}",
+            get(dicomweb::retrieve),
+        )
+        .route(
+            "/dicomweb/studies/{study}/series/{series}/instances/{instance}/metadata",
+            get(dicomweb::metadata),
+        )
+        .route(
+            "/dicomweb/studies/{study}/series/{series}/instances/{instance}/rendered",
+            get(dicomweb::rendered),
+        )
+        .route(
+            "/dicomweb/studies/{study}/series/{series}/instances/{instance}/frames/{frame}/rendered",
+            get(dicomweb::rendered),
+        )
+        .route("/dicomweb/series", get(dicomweb::search_series))
+        .route("/dicomweb/instances", get(dicomweb::search_instances))
         .route("/covid19/api/v1/healthcheck", get(legacy::healthcheck))
         .route("/covid19/api/v1/predict/", post(legacy::predict))
         .route(

@@ -92,6 +92,9 @@ pub enum DecodeError {
     /// DICOM without usable pixel data.
     #[error("the DICOM pixel data cannot be decoded: {0}")]
     Pixels(String),
+    /// The requested frame does not exist (1-based number, frame count).
+    #[error("frame {0} does not exist: the image has {1} frame(s)")]
+    Frame(u32, u32),
     /// Image of size zero or absurdly large.
     #[error("image dimensions {0}x{1} are outside the accepted range (1..={2} per side)")]
     Dimensions(u32, u32, u32),
@@ -105,10 +108,23 @@ pub const MAX_SIDE: u32 = 8192;
 /// # Errors
 /// [`DecodeError`] when the bytes are not a decodable image of that type.
 pub fn decode(bytes: &[u8], media: MediaType) -> Result<DecodedImage, DecodeError> {
+    decode_frame(bytes, media, 0)
+}
+
+/// Decodes frame `frame` (0-based; ignored for PNG/JPEG) of `bytes` as `media`.
+///
+/// # Errors
+/// [`DecodeError`] when the bytes are not a decodable image of that type, or the frame does
+/// not exist.
+pub fn decode_frame(
+    bytes: &[u8],
+    media: MediaType,
+    frame: u32,
+) -> Result<DecodedImage, DecodeError> {
     // Codec crates can panic on unusual input (dicom-rs 0.10.1's RLE decoder does on
     // multi-fragment frames): a client's file must get a decode error, never take a worker down.
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        decode_checked(bytes, media)
+        decode_checked(bytes, media, frame)
     }))
     .unwrap_or_else(|p| {
         let why = p
@@ -122,11 +138,11 @@ pub fn decode(bytes: &[u8], media: MediaType) -> Result<DecodedImage, DecodeErro
     })
 }
 
-fn decode_checked(bytes: &[u8], media: MediaType) -> Result<DecodedImage, DecodeError> {
+fn decode_checked(bytes: &[u8], media: MediaType, frame: u32) -> Result<DecodedImage, DecodeError> {
     let decoded = match media {
         MediaType::Png => decode_raster(bytes, ImageFormat::Png, "PNG")?,
         MediaType::Jpeg => decode_raster(bytes, ImageFormat::Jpeg, "JPEG")?,
-        MediaType::Dicom => decode_dicom(bytes)?,
+        MediaType::Dicom => decode_dicom(bytes, frame)?,
     };
     let (w, h) = (decoded.image.width(), decoded.image.height());
     if w == 0 || h == 0 || w > MAX_SIDE || h > MAX_SIDE {
@@ -176,7 +192,7 @@ fn to_8bit(img: DynamicImage) -> DynamicImage {
     }
 }
 
-fn decode_dicom(bytes: &[u8]) -> Result<DecodedImage, DecodeError> {
+fn decode_dicom(bytes: &[u8], frame: u32) -> Result<DecodedImage, DecodeError> {
     let offset = if bytes.get(128..132) == Some(b"DICM") {
         128
     } else if bytes.starts_with(b"DICM") {
@@ -191,17 +207,135 @@ fn decode_dicom(bytes: &[u8]) -> Result<DecodedImage, DecodeError> {
         .from_reader(&bytes[offset..])
         .map_err(|e| DecodeError::Dicom(e.to_string()))?;
     let meta = dicom_meta(&obj);
+    let frames = obj
+        .element_opt(tags::NUMBER_OF_FRAMES)
+        .ok()
+        .flatten()
+        .and_then(|e| e.to_int::<u32>().ok())
+        .unwrap_or(1)
+        .max(1);
+    if frame >= frames {
+        return Err(DecodeError::Frame(frame + 1, frames));
+    }
     let pixels = obj
-        .decode_pixel_data_frame(0)
+        .decode_pixel_data_frame(frame)
         .map_err(|e| DecodeError::Pixels(e.to_string()))?;
-    let options = ConvertOptions::new().force_8bit();
-    let img = pixels
-        .to_dynamic_image_with_options(0, &options)
-        .map_err(|e| DecodeError::Pixels(e.to_string()))?;
+    let img = if pixels.photometric_interpretation()
+        == &dicom_pixeldata::PhotometricInterpretation::PaletteColor
+    {
+        apply_palette(&obj, &pixels)?
+    } else {
+        let options = ConvertOptions::new().force_8bit();
+        to_8bit(
+            pixels
+                .to_dynamic_image_with_options(0, &options)
+                .map_err(|e| DecodeError::Pixels(e.to_string()))?,
+        )
+    };
     Ok(DecodedImage {
-        image: to_8bit(img),
+        image: img,
         dicom: Some(meta),
     })
+}
+
+/// Stored sample values of frame `frame` (0-based) of a DICOM file, before any Modality LUT,
+/// VOI or photometric handling except decompression (YCbCr JPEG comes back as RGB): shape
+/// `[rows, cols]` or `[rows, cols, samples]`. For checking the decoders against a reference.
+///
+/// # Errors
+/// [`DecodeError`] when the file or its pixel data cannot be decoded.
+pub fn raw_frame(bytes: &[u8], frame: u32) -> Result<(Vec<usize>, Vec<f32>), DecodeError> {
+    std::panic::catch_unwind(|| {
+        let offset = if bytes.get(128..132) == Some(b"DICM") {
+            128
+        } else {
+            0
+        };
+        let obj = OpenFileOptions::new()
+            .read_preamble(ReadPreamble::Never)
+            .from_reader(&bytes[offset..])
+            .map_err(|e| DecodeError::Dicom(e.to_string()))?;
+        let px = obj
+            .decode_pixel_data_frame(frame)
+            .map_err(|e| DecodeError::Pixels(e.to_string()))?;
+        let opts =
+            ConvertOptions::new().with_modality_lut(dicom_pixeldata::ModalityLutOption::None);
+        let v: Vec<f32> = px
+            .to_vec_with_options(&opts)
+            .map_err(|e| DecodeError::Pixels(e.to_string()))?;
+        let (r, c, s) = (
+            px.rows() as usize,
+            px.columns() as usize,
+            usize::from(px.samples_per_pixel()),
+        );
+        let shape = if s == 1 { vec![r, c] } else { vec![r, c, s] };
+        Ok((shape, v))
+    })
+    .unwrap_or_else(|_| {
+        Err(DecodeError::Pixels(
+            "the decoder failed on this data".into(),
+        ))
+    })
+}
+
+/// PALETTE COLOR (PS3.3 C.7.6.3.1.5): each stored index looks up the red, green and blue
+/// Palette Color Lookup Tables; 16-bit entries are narrowed to their high byte.
+fn apply_palette(
+    obj: &DefaultDicomObject,
+    pixels: &dicom_pixeldata::DecodedPixelData<'_>,
+) -> Result<DynamicImage, DecodeError> {
+    let bad = |what: &str| DecodeError::Pixels(format!("palette colour image: {what}"));
+    let lut = |desc_tag, data_tag| -> Result<(Vec<u8>, i64), DecodeError> {
+        let desc: Vec<i64> = obj
+            .element(desc_tag)
+            .map_err(|_| bad("a Palette Color Lookup Table Descriptor is missing"))?
+            .to_multi_int::<i64>()
+            .map_err(|_| bad("unreadable LUT descriptor"))?;
+        let [entries, first, bits] = desc[..] else {
+            return Err(bad("LUT descriptor must have 3 values"));
+        };
+        let entries = if entries <= 0 { 65536 } else { entries };
+        let raw = obj
+            .element(data_tag)
+            .map_err(|_| bad("Palette Color Lookup Table Data is missing"))?
+            .to_bytes()
+            .map_err(|_| bad("unreadable LUT data"))?;
+        let table: Vec<u8> = match bits {
+            8 if raw.len() as i64 == entries => raw.to_vec(),
+            // 8-bit entries stored one per 16-bit word: the low byte
+            8 => raw.chunks_exact(2).map(|c| c[0]).collect(),
+            _ => raw.chunks_exact(2).map(|c| c[1]).collect(),
+        };
+        if (table.len() as i64) < entries {
+            return Err(bad("LUT data shorter than its descriptor"));
+        }
+        Ok((table, first))
+    };
+    let (r, r0) = lut(
+        tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
+        tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+    )?;
+    let (g, g0) = lut(
+        tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
+        tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+    )?;
+    let (b, b0) = lut(
+        tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
+        tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+    )?;
+    let (w, h) = (pixels.columns(), pixels.rows());
+    let idx: Vec<i64> = pixels
+        .to_vec_frame::<i64>(0)
+        .map_err(|e| DecodeError::Pixels(e.to_string()))?;
+    let look = |t: &[u8], first: i64, v: i64| {
+        let i = (v - first).clamp(0, t.len() as i64 - 1);
+        t[i as usize]
+    };
+    let img = RgbImage::from_fn(w, h, |x, y| {
+        let v = idx.get((y * w + x) as usize).copied().unwrap_or(0);
+        image::Rgb([look(&r, r0, v), look(&g, g0, v), look(&b, b0, v)])
+    });
+    Ok(DynamicImage::ImageRgb8(img))
 }
 
 /// Reads the identifying attributes of a DICOM object.

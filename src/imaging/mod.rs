@@ -3,4 +3,4 @@
 
 pub mod decode;
 
-pub use decode::{decode, DecodeError, DecodedImage, DicomMeta, MediaType};
+pub use decode::{decode, decode_frame, DecodeError, DecodedImage, DicomMeta, MediaType};

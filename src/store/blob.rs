@@ -61,6 +61,13 @@ impl BlobStore {
         result
     }
 
+    /// Free bytes available to this process on the file system holding the blobs.
+    pub fn free_bytes(&self) -> Option<u64> {
+        rustix::fs::statvfs(&self.root)
+            .ok()
+            .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+    }
+
     /// Reads `<key>/<name>`, `None` when absent.
     ///
     /// # Errors

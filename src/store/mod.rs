@@ -3,6 +3,7 @@
 //! committed, so a crash never leaves an answered analysis behind.
 
 pub mod blob;
+pub mod instances;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -15,6 +16,7 @@ use sqlx::Row;
 use uuid::Uuid;
 
 pub use blob::BlobStore;
+pub use instances::{InstanceStatus, Query, Source, StudyHit};
 
 use crate::pipeline::Analysis;
 
@@ -61,6 +63,7 @@ pub struct ResultRow {
 pub struct Store {
     pool: SqlitePool,
     blobs: BlobStore,
+    dicom: BlobStore,
 }
 
 impl Store {
@@ -85,6 +88,7 @@ impl Store {
         Ok(Self {
             pool,
             blobs: BlobStore::new(data_dir.join("results"))?,
+            dicom: BlobStore::new(data_dir.join("dicom"))?,
         })
     }
 
@@ -117,7 +121,7 @@ impl Store {
         .map_err(|e| std::io::Error::other(e.to_string()))??;
         sqlx::query(
             "INSERT INTO analyses (id, created, model, model_version, label, display, probabilities, cam_method, source) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
         )
         .bind(&id)
         .bind(a.created.to_rfc3339())

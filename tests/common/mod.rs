@@ -59,15 +59,26 @@ pub async fn registry_async() -> Arc<Registry> {
 
 /// The real router with the fixture models and a fresh SQLite store in a temp folder.
 pub async fn app(max_body: usize) -> (axum::Router, tempfile::TempDir) {
+    let (r, d, _) = app_with_ingest(max_body).await;
+    (r, d)
+}
+
+/// [`app`] plus its ingest service (to run the analysis worker or the DIMSE SCP).
+pub async fn app_with_ingest(
+    max_body: usize,
+) -> (axum::Router, tempfile::TempDir, carina::ingest::Ingest) {
     let dir = tempfile::tempdir().unwrap();
     let store = carina::store::Store::open(dir.path()).await.unwrap();
+    let models = registry_async().await;
+    let ingest = carina::ingest::Ingest::new(store.clone(), models.clone(), Vec::new(), 0, None);
     let state = carina::app::AppState {
-        models: registry_async().await,
+        models,
         store,
         public_url: None,
         max_body,
+        ingest: ingest.clone(),
     };
-    (carina::api::router(state), dir)
+    (carina::api::router(state), dir, ingest)
 }
 
 pub fn sample(name: &str) -> Vec<u8> {

@@ -1,0 +1,568 @@
+//! DICOMweb (PS3.18) under `/dicomweb`: STOW-RS, QIDO-RS, WADO-RS (instances, series, studies,
+//! metadata, frames, rendered), plus `GET /v1/instances/{sop}` for an instance's analysis state.
+//! Handlers parse HTTP, call [`crate::ingest`] / [`crate::store`], and format DICOM JSON.
+
+use std::collections::HashMap;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::Value;
+
+use super::base_url;
+use super::error::{body_error, ApiError};
+use crate::app::AppState;
+use crate::dicom::json::{self, StowItem};
+use crate::dicom::InstanceIndex;
+use crate::imaging::{self, MediaType};
+use crate::store::{self, Source};
+
+const DICOM_JSON: &str = "application/dicom+json";
+
+fn dicom_json(status: StatusCode, v: &Value) -> Response {
+    (status, [(header::CONTENT_TYPE, DICOM_JSON)], v.to_string()).into_response()
+}
+
+/// Splits a media type into its lower-case essence and its parameters (quotes removed).
+fn media_params(v: &str) -> (String, HashMap<String, String>) {
+    let mut parts = v.split(';');
+    let essence = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+    let params = parts
+        .filter_map(|p| p.split_once('='))
+        .map(|(k, v)| {
+            (
+                k.trim().to_ascii_lowercase(),
+                v.trim().trim_matches('"').to_string(),
+            )
+        })
+        .collect();
+    (essence, params)
+}
+
+/// `POST /dicomweb/studies`.
+pub async fn stow(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    stow_impl(state, headers, None, body).await
+}
+
+/// `POST /dicomweb/studies/{study}`: instances of another study fail with A900.
+pub async fn stow_study(
+    State(state): State<AppState>,
+    Path(study): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    stow_impl(state, headers, Some(study), body).await
+}
+
+async fn stow_impl(
+    state: AppState,
+    headers: HeaderMap,
+    study: Option<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let (essence, params) = media_params(ct);
+    let unsupported =
+        |why: String| ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "not-supported", why);
+    if essence != "multipart/related" {
+        return Err(unsupported(format!(
+            "STOW-RS needs Content-Type multipart/related; type=\"application/dicom\", not '{essence}'"
+        )));
+    }
+    if let Some(t) = params.get("type") {
+        if !t.eq_ignore_ascii_case("application/dicom") {
+            return Err(unsupported(format!(
+                "only application/dicom parts are accepted (type=\"{t}\")"
+            )));
+        }
+    }
+    let boundary = params.get("boundary").cloned().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "multipart/related without a boundary",
+        )
+    })?;
+    let body = body.map_err(|e| body_error(e.status(), e.body_text(), state.max_body))?;
+    let stream = futures_util::stream::once(async move { Ok::<_, std::io::Error>(body) });
+    let mut multipart = multer::Multipart::new(stream, boundary);
+    let base = format!("{}/dicomweb", base_url(&state, &headers));
+    let (mut stored, mut failed) = (Vec::new(), Vec::new());
+    let mut parts = 0usize;
+    loop {
+        let field = match multipart.next_field().await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid",
+                    format!("malformed multipart body: {e}"),
+                ))
+            }
+        };
+        parts += 1;
+        let part_type = field
+            .content_type()
+            .map(|m| m.essence_str().to_ascii_lowercase())
+            .unwrap_or_else(|| "application/dicom".into());
+        let data = field.bytes().await.map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                format!("malformed multipart body: {e}"),
+            )
+        })?;
+        if part_type != "application/dicom" {
+            failed.push(StowItem {
+                sop_class_uid: String::new(),
+                sop_instance_uid: String::new(),
+                retrieve_url: None,
+                failure: Some(crate::dicom::status::CANNOT_UNDERSTAND),
+                comment: Some(format!(
+                    "part {parts}: media type {part_type} is not application/dicom"
+                )),
+            });
+            continue;
+        }
+        match state
+            .ingest
+            .receive(data, Source::Stow, study.as_deref())
+            .await
+        {
+            Ok(a) => stored.push(StowItem {
+                sop_class_uid: a.index.sop_class_uid.clone(),
+                sop_instance_uid: a.index.sop_instance_uid.clone(),
+                retrieve_url: Some(json::instance_url(&a.index, &base)),
+                failure: None,
+                comment: None,
+            }),
+            Err(e) => {
+                tracing::info!(part = parts, status = format!("{:04X}", e.status()), error = %e, "STOW instance refused");
+                let (class, inst) = e.uids().unwrap_or(("", ""));
+                failed.push(StowItem {
+                    sop_class_uid: class.to_string(),
+                    sop_instance_uid: inst.to_string(),
+                    retrieve_url: None,
+                    failure: Some(e.status()),
+                    comment: Some(format!("part {parts}: {e}")),
+                });
+            }
+        }
+    }
+    if parts == 0 {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "required",
+            "the multipart body has no parts",
+        ));
+    }
+    let study_url = study
+        .clone()
+        .or_else(|| (!stored.is_empty()).then(|| stored_study(&stored)))
+        .map(|s| format!("{base}/studies/{s}"));
+    let status = match (stored.is_empty(), failed.is_empty()) {
+        (false, true) => StatusCode::OK,
+        (false, false) => StatusCode::ACCEPTED,
+        (true, _) => StatusCode::CONFLICT,
+    };
+    Ok(dicom_json(
+        status,
+        &json::stow_response(study_url.as_deref(), &stored, &failed),
+    ))
+}
+
+fn stored_study(stored: &[StowItem]) -> String {
+    // RetrieveURL is .../studies/{study}/series/...: take the study from the first one
+    stored
+        .first()
+        .and_then(|s| s.retrieve_url.as_deref())
+        .and_then(|u| u.split("/studies/").nth(1))
+        .and_then(|r| r.split('/').next())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// QIDO-RS query parameters (keywords or tags; `limit`, `offset`; `includefield` and
+/// `fuzzymatching` are accepted and ignored).
+fn qido_query(q: &HashMap<String, String>) -> Result<store::Query, ApiError> {
+    let mut out = store::Query {
+        limit: 100,
+        ..store::Query::default()
+    };
+    for (k, v) in q {
+        let v = v.trim().to_string();
+        match k.as_str() {
+            "StudyInstanceUID" | "0020000D" => out.study_uid = Some(v),
+            "SeriesInstanceUID" | "0020000E" => out.series_uid = Some(v),
+            "SOPInstanceUID" | "00080018" => out.sop_instance_uid = Some(v),
+            "PatientID" | "00100020" => out.patient_id = Some(v),
+            "AccessionNumber" | "00080050" => out.accession_number = Some(v),
+            "Modality" | "00080060" | "ModalitiesInStudy" | "00080061" => out.modality = Some(v),
+            "StudyDate" | "00080020" => {
+                let ok = v.split('-').all(|d| d.is_empty() || (d.len() == 8 && d.bytes().all(|b| b.is_ascii_digit())));
+                if !ok || v.matches('-').count() > 1 {
+                    return Err(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid",
+                        format!("StudyDate '{v}' is not YYYYMMDD or a YYYYMMDD-YYYYMMDD range"),
+                    ));
+                }
+                out.study_date = Some(v);
+            }
+            "limit" | "offset" => {
+                let n: i64 = v.parse().ok().filter(|n| *n >= 0).ok_or_else(|| {
+                    ApiError::new(StatusCode::BAD_REQUEST, "invalid", format!("{k} must be a non-negative integer"))
+                })?;
+                if k == "limit" {
+                    out.limit = n.min(1000);
+                } else {
+                    out.offset = n;
+                }
+            }
+            "includefield" | "fuzzymatching" => {}
+            other => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "not-supported",
+                    format!("search by '{other}' is not supported; use StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID, PatientID, AccessionNumber, Modality, StudyDate, limit, offset"),
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `GET /dicomweb/studies`.
+pub async fn search_studies(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let f = qido_query(&q)?;
+    let base = format!("{}/dicomweb", base_url(&state, &headers));
+    let hits = state.store.search_studies(&f).await?;
+    let v: Vec<Value> = hits
+        .iter()
+        .map(|h| json::study_attributes(&h.index, h.series, h.instances, &h.modalities, &base))
+        .collect();
+    Ok(dicom_json(StatusCode::OK, &Value::Array(v)))
+}
+
+/// `GET /dicomweb/series`.
+pub async fn search_series(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    series_impl(state, headers, q, None).await
+}
+
+/// `GET /dicomweb/studies/{study}/series`.
+pub async fn search_study_series(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(study): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    series_impl(state, headers, q, Some(study)).await
+}
+
+async fn series_impl(
+    state: AppState,
+    headers: HeaderMap,
+    q: HashMap<String, String>,
+    study: Option<String>,
+) -> Result<Response, ApiError> {
+    let mut f = qido_query(&q)?;
+    if study.is_some() {
+        f.study_uid = study;
+    }
+    let base = format!("{}/dicomweb", base_url(&state, &headers));
+    let hits = state.store.search_series(&f).await?;
+    let v: Vec<Value> = hits
+        .iter()
+        .map(|(ix, n)| json::series_attributes(ix, *n, &base))
+        .collect();
+    Ok(dicom_json(StatusCode::OK, &Value::Array(v)))
+}
+
+/// `GET /dicomweb/instances`.
+pub async fn search_instances(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    instances_impl(state, headers, q, Vec::new()).await
+}
+
+/// `GET /dicomweb/studies/{study}/instances` and
+/// `/dicomweb/studies/{study}/series/{series}/instances`.
+pub async fn search_scoped_instances(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(p): Path<Vec<String>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    instances_impl(state, headers, q, p).await
+}
+
+async fn instances_impl(
+    state: AppState,
+    headers: HeaderMap,
+    q: HashMap<String, String>,
+    p: Vec<String>,
+) -> Result<Response, ApiError> {
+    let mut f = qido_query(&q)?;
+    if let Some(s) = p.first() {
+        f.study_uid = Some(s.clone());
+    }
+    if let Some(s) = p.get(1) {
+        f.series_uid = Some(s.clone());
+    }
+    let base = format!("{}/dicomweb", base_url(&state, &headers));
+    let hits = state.store.search_instances(&f).await?;
+    let v: Vec<Value> = hits
+        .iter()
+        .map(|ix| json::instance_attributes(ix, &base))
+        .collect();
+    Ok(dicom_json(StatusCode::OK, &Value::Array(v)))
+}
+
+/// The instances a WADO-RS path names (404 when none).
+async fn resolve(state: &AppState, p: &[String]) -> Result<Vec<InstanceIndex>, ApiError> {
+    let f = store::Query {
+        study_uid: p.first().cloned(),
+        series_uid: p.get(1).cloned(),
+        sop_instance_uid: p.get(2).cloned(),
+        limit: 100_000,
+        ..store::Query::default()
+    };
+    let found = state.store.search_instances(&f).await?;
+    if found.is_empty() {
+        return Err(ApiError::not_found(format!(
+            "no stored instance matches {}",
+            p.join("/")
+        )));
+    }
+    Ok(found)
+}
+
+/// Checks the Accept header of a retrieve allows multipart/related; type="application/dicom".
+fn accepts_dicom(headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) else {
+        return Ok(());
+    };
+    let ok = accept.split(',').any(|a| {
+        let (essence, params) = media_params(a);
+        essence == "*/*"
+            || essence == "application/dicom"
+            || (essence == "multipart/related"
+                && params
+                    .get("type")
+                    .is_none_or(|t| t.eq_ignore_ascii_case("application/dicom")))
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::NOT_ACCEPTABLE,
+            "not-supported",
+            format!("cannot answer '{accept}': instances are sent as multipart/related; type=\"application/dicom\" in their stored transfer syntax"),
+        ))
+    }
+}
+
+/// WADO-RS retrieve of a study, series or instance: `multipart/related; type="application/dicom"`.
+pub async fn retrieve(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(p): Path<Vec<String>>,
+) -> Result<Response, ApiError> {
+    accepts_dicom(&headers)?;
+    let found = resolve(&state, &p).await?;
+    let boundary = format!("carina-{}", uuid::Uuid::new_v4().simple());
+    let mut body = Vec::new();
+    for ix in &found {
+        let Some(file) = state.store.instance_file(ix).await? else {
+            return Err(ApiError::internal(format!(
+                "file of instance {} is missing",
+                ix.sop_instance_uid
+            )));
+        };
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={}\r\nContent-Length: {}\r\n\r\n",
+                ix.transfer_syntax,
+                file.len()
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(&file);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    let ct = format!("multipart/related; type=\"application/dicom\"; boundary={boundary}");
+    let mut r = (StatusCode::OK, body).into_response();
+    if let Ok(v) = HeaderValue::from_str(&ct) {
+        r.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    Ok(r)
+}
+
+/// WADO-RS metadata of a study, series or instance (DICOM JSON array).
+pub async fn metadata(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(p): Path<Vec<String>>,
+) -> Result<Response, ApiError> {
+    let found = resolve(&state, &p).await?;
+    let base = format!("{}/dicomweb", base_url(&state, &headers));
+    let mut out = Vec::with_capacity(found.len());
+    for ix in &found {
+        let Some(file) = state.store.instance_file(ix).await? else {
+            return Err(ApiError::internal(format!(
+                "file of instance {} is missing",
+                ix.sop_instance_uid
+            )));
+        };
+        let url = json::instance_url(ix, &base);
+        let v = tokio::task::spawn_blocking(move || {
+            let parsed = crate::dicom::parse_instance(&file).map_err(|e| e.to_string())?;
+            json::metadata(&parsed.object, &url).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)?;
+        out.push(v);
+    }
+    Ok(dicom_json(StatusCode::OK, &Value::Array(out)))
+}
+
+/// Loads one instance named by study/series/instance path parts.
+async fn one_instance(
+    state: &AppState,
+    p: &[String],
+) -> Result<(InstanceIndex, Vec<u8>), ApiError> {
+    let ix = state
+        .store
+        .instance(p.get(2).map_or("", String::as_str))
+        .await?
+        .filter(|ix| Some(&ix.study_uid) == p.first() && Some(&ix.series_uid) == p.get(1))
+        .ok_or_else(|| ApiError::not_found("no such instance in this study and series"))?;
+    let file = state
+        .store
+        .instance_file(&ix)
+        .await?
+        .ok_or_else(|| ApiError::internal("instance file missing"))?;
+    Ok((ix, file))
+}
+
+/// Rendered query: `quality` (JPEG, 1..=100).
+#[derive(Debug, serde::Deserialize)]
+pub struct RenderedQuery {
+    /// JPEG quality.
+    pub quality: Option<u8>,
+}
+
+/// WADO-RS rendered instance (first frame) or frame (`/frames/{n}/rendered`): the 8-bit
+/// picture after Modality LUT, VOI LUT/window, MONOCHROME1 inversion and palette/YBR → RGB,
+/// as image/png (default) or image/jpeg.
+pub async fn rendered(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(p): Path<Vec<String>>,
+    Query(q): Query<RenderedQuery>,
+) -> Result<Response, ApiError> {
+    let frame: u32 = match p.get(3) {
+        Some(n) => n.parse().ok().filter(|n| *n >= 1).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                "frame numbers start at 1",
+            )
+        })?,
+        None => 1,
+    };
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("image/png");
+    let jpeg = accept.contains("image/jpeg") && !accept.contains("image/png");
+    if !(jpeg
+        || accept.contains("image/png")
+        || accept.contains("*/*")
+        || accept.contains("image/*"))
+    {
+        return Err(ApiError::new(
+            StatusCode::NOT_ACCEPTABLE,
+            "not-supported",
+            format!("rendered images are image/png or image/jpeg, not '{accept}'"),
+        ));
+    }
+    let (_, file) = one_instance(&state, &p).await?;
+    let quality = q.quality.unwrap_or(90).clamp(1, 100);
+    let (ct, data) = tokio::task::spawn_blocking(move || {
+        let img = imaging::decode_frame(&file, MediaType::Dicom, frame - 1)?.image;
+        let mut out = std::io::Cursor::new(Vec::new());
+        if jpeg {
+            let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality);
+            img.write_with_encoder(enc)
+                .map_err(|e| imaging::DecodeError::Pixels(e.to_string()))?;
+            Ok::<_, imaging::DecodeError>(("image/jpeg", out.into_inner()))
+        } else {
+            img.write_to(&mut out, image::ImageFormat::Png)
+                .map_err(|e| imaging::DecodeError::Pixels(e.to_string()))?;
+            Ok(("image/png", out.into_inner()))
+        }
+    })
+    .await
+    .map_err(ApiError::internal)??;
+    Ok(([(header::CONTENT_TYPE, ct)], data).into_response())
+}
+
+/// `GET /v1/instances/{sop}`: where an instance is in the analysis flow.
+pub async fn instance_status(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(sop): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let st = state
+        .store
+        .instance_status(&sop)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no instance '{sop}'")))?;
+    let base = base_url(&state, &headers);
+    let mut v = serde_json::to_value(&st).map_err(ApiError::internal)?;
+    if let Some(id) = &st.analysis_id {
+        v["result_url"] = Value::from(format!("{base}/v1/results/{id}"));
+    }
+    v["retrieve_url"] = Value::from(format!(
+        "{base}/dicomweb/studies/{}/series/{}/instances/{}",
+        st.study_uid, st.series_uid, st.sop_instance_uid
+    ));
+    Ok(Json(v))
+}
+
+/// `GET /v1/studies/{study}/instances`: the analysis state of every instance of a study,
+/// Carina's results included.
+pub async fn study_status(
+    State(state): State<AppState>,
+    Path(study): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let all = state.store.study_status(&study).await?;
+    if all.is_empty() {
+        return Err(ApiError::not_found(format!("no study '{study}'")));
+    }
+    Ok(Json(serde_json::to_value(all).map_err(ApiError::internal)?))
+}

@@ -1,0 +1,378 @@
+//! The one way DICOM enters Carina, whatever the transport (STOW-RS, DIMSE C-STORE,
+//! `/v1/analyze`): parse and check → refuse when storage is short → write the file durably →
+//! commit its row with its analysis state → wake the analysis worker. Success is answered only
+//! after the row is committed, so an acknowledged instance survives a crash; pending analyses
+//! are picked up again at start-up.
+//!
+//! The analysis of an instance (routing → model → FHIR report → Secondary Capture result) uses
+//! ids derived from the SOP Instance UID and the model, so running it twice (a re-send, a crash
+//! between steps) makes the same report and the same Secondary Capture, never a second one.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::dicom::parse::ParsedInstance;
+use crate::dicom::routing::{self, Decision, Route};
+use crate::dicom::sc::{self, ScInput};
+use crate::dicom::{parse_instance, status, InstanceIndex, ParseError};
+use crate::imaging::MediaType;
+use crate::inference::Registry;
+use crate::pipeline::{self, AnalyseError, Analysis};
+use crate::store::{Source, Store, StoreError};
+
+/// Why an instance was not stored, with its DICOM status.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// Unparseable or invalid data.
+    #[error(transparent)]
+    Parse(#[from] ParseError),
+    /// STOW-RS to `/studies/{study}` with an instance of another study.
+    #[error("the instance belongs to study {got}, not to {expected} named in the request")]
+    StudyMismatch {
+        /// Study in the URL.
+        expected: String,
+        /// Study in the data set.
+        got: String,
+        /// The instance's attributes.
+        index: Box<InstanceIndex>,
+    },
+    /// Not enough free disk space.
+    #[error("out of storage space: {0}")]
+    OutOfResources(String),
+    /// Database or file system failure.
+    #[error("storage failed: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl IngestError {
+    /// The DICOM status (C-STORE-RSP Status / STOW-RS FailureReason).
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::Parse(e) => e.status(),
+            Self::StudyMismatch { .. } => status::DATASET_MISMATCH,
+            Self::OutOfResources(_) => status::OUT_OF_RESOURCES,
+            Self::Store(StoreError::Io(_)) => status::OUT_OF_RESOURCES,
+            Self::Store(_) => status::PROCESSING_FAILURE,
+        }
+    }
+
+    /// Class and instance UIDs when known.
+    pub fn uids(&self) -> Option<(&str, &str)> {
+        match self {
+            Self::StudyMismatch { index, .. } => {
+                Some((&index.sop_class_uid, &index.sop_instance_uid))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A stored (or already stored) instance.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    /// Its attributes.
+    pub index: InstanceIndex,
+    /// `false` when the SOP Instance UID was already stored (nothing was written).
+    pub new: bool,
+}
+
+/// Why an analysis did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// The instance is not stored.
+    #[error("instance not found")]
+    NotFound,
+    /// The routing or the model refused it (stored as skipped).
+    #[error("{0}")]
+    Skipped(String),
+    /// Analysis failed.
+    #[error(transparent)]
+    Analyse(#[from] AnalyseError),
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The stored file no longer parses.
+    #[error(transparent)]
+    Parse(#[from] ParseError),
+    /// The result instance could not be built.
+    #[error(transparent)]
+    Sc(#[from] sc::ScError),
+}
+
+/// The ingest and analysis service.
+#[derive(Clone)]
+pub struct Ingest {
+    store: Store,
+    models: Arc<Registry>,
+    routes: Arc<Vec<Route>>,
+    min_free_bytes: u64,
+    public_url: Option<String>,
+    wake: Arc<Notify>,
+}
+
+impl Ingest {
+    /// Builds the service; `routes` empty means the default chest X-ray route.
+    pub fn new(
+        store: Store,
+        models: Arc<Registry>,
+        routes: Vec<Route>,
+        min_free_mb: u64,
+        public_url: Option<String>,
+    ) -> Self {
+        let routes = if routes.is_empty() {
+            models
+                .image_model(None)
+                .map(|m| routing::default_routes(&m.manifest.name))
+                .unwrap_or_default()
+        } else {
+            routes
+        };
+        Self {
+            store,
+            models,
+            routes: Arc::new(routes),
+            min_free_bytes: min_free_mb.saturating_mul(1024 * 1024),
+            public_url,
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Whether free space is above the watermark (associations and uploads are refused below).
+    pub fn has_space(&self) -> bool {
+        self.store
+            .free_bytes()
+            .is_none_or(|free| free >= self.min_free_bytes)
+    }
+
+    /// Stores an instance and queues its analysis. `expected_study` is the study named in a
+    /// STOW-RS URL.
+    ///
+    /// # Errors
+    /// [`IngestError`] with the status to report; nothing is stored then.
+    pub async fn receive(
+        &self,
+        bytes: Bytes,
+        source: Source,
+        expected_study: Option<&str>,
+    ) -> Result<Accepted, IngestError> {
+        let parsed = tokio::task::spawn_blocking(move || parse_instance(&bytes))
+            .await
+            .map_err(|e| IngestError::Parse(ParseError::Unreadable(e.to_string())))??;
+        if let Some(study) = expected_study {
+            if parsed.index.study_uid != study {
+                return Err(IngestError::StudyMismatch {
+                    expected: study.to_string(),
+                    got: parsed.index.study_uid.clone(),
+                    index: Box::new(parsed.index),
+                });
+            }
+        }
+        let (state, reason) = match routing::route(&self.routes, &parsed.index, parsed.has_pixels) {
+            Decision::Analyse { model, .. } => ("pending", Some(format!("routed to {model}"))),
+            Decision::Skip(why) => ("skipped", Some(why)),
+        };
+        let accepted = self
+            .store_parsed(parsed, source, state, reason.as_deref(), None)
+            .await?;
+        if accepted.new && state == "pending" {
+            self.wake.notify_one();
+        }
+        Ok(accepted)
+    }
+
+    /// Stores an instance for an analysis the caller runs now ([`Self::process`]): its state
+    /// starts as `running`, so the worker leaves it alone (a crash puts it back to `pending`).
+    ///
+    /// # Errors
+    /// As [`Self::receive`].
+    pub async fn receive_claimed(
+        &self,
+        bytes: Bytes,
+        source: Source,
+    ) -> Result<Accepted, IngestError> {
+        let parsed = tokio::task::spawn_blocking(move || parse_instance(&bytes))
+            .await
+            .map_err(|e| IngestError::Parse(ParseError::Unreadable(e.to_string())))??;
+        self.store_parsed(parsed, source, "running", Some("analysis requested"), None)
+            .await
+    }
+
+    async fn store_parsed(
+        &self,
+        parsed: ParsedInstance,
+        source: Source,
+        state: &str,
+        reason: Option<&str>,
+        result_of: Option<&str>,
+    ) -> Result<Accepted, IngestError> {
+        let ix = parsed.index;
+        if self.store.instance(&ix.sop_instance_uid).await?.is_some() {
+            return Ok(Accepted {
+                index: ix,
+                new: false,
+            });
+        }
+        if !self.has_space() {
+            return Err(IngestError::OutOfResources(
+                "free space in the data folder is below the configured minimum".into(),
+            ));
+        }
+        let size = parsed.part10.len();
+        self.store.put_instance_file(&ix, parsed.part10).await?;
+        let new = self
+            .store
+            .insert_instance(&ix, size, source, state, reason, result_of, None)
+            .await?;
+        Ok(Accepted { index: ix, new })
+    }
+
+    /// Runs the worker: analyses pending instances until `stop` resolves. Instances left
+    /// `running` by a crash are queued again first.
+    pub async fn run_worker(self, stop: impl std::future::Future<Output = ()>) {
+        tokio::pin!(stop);
+        if let Err(e) = self.store.requeue_running().await {
+            tracing::error!(error = %e, "cannot requeue interrupted analyses");
+        }
+        loop {
+            let batch = match self.store.claim_pending(8).await {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot claim pending analyses");
+                    Vec::new()
+                }
+            };
+            for sop in &batch {
+                self.process_logged(sop, None).await;
+            }
+            if batch.is_empty() {
+                tokio::select! {
+                    () = &mut stop => return,
+                    () = self.wake.notified() => {}
+                    () = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+            }
+        }
+    }
+
+    async fn process_logged(&self, sop: &str, model: Option<&str>) {
+        let job = Uuid::new_v4();
+        match self.process(sop, model).await {
+            Ok(a) => {
+                tracing::info!(%job, analysis = %a.id, label = a.label_key(), "instance analysed");
+            }
+            Err(ProcessError::Skipped(why)) => {
+                tracing::info!(%job, reason = %why, "instance not analysed");
+            }
+            Err(e) => tracing::warn!(%job, error = %e, "instance analysis failed"),
+        }
+    }
+
+    /// Analyses a stored instance now (routing decides the model unless `model` is given),
+    /// stores the report and the Secondary Capture, and records the state. Idempotent.
+    ///
+    /// # Errors
+    /// [`ProcessError`]; the instance's state records skips and failures.
+    pub async fn process(&self, sop: &str, model: Option<&str>) -> Result<Analysis, ProcessError> {
+        let result = self.process_inner(sop, model).await;
+        let (state, reason, id) = match &result {
+            Ok(a) => (
+                "done",
+                Some(format!("analysed by {}", a.model.manifest.name)),
+                Some(a.id.to_string()),
+            ),
+            Err(ProcessError::NotFound) => return result,
+            Err(ProcessError::Skipped(why)) => ("skipped", Some(why.clone()), None),
+            Err(e) => ("failed", Some(e.to_string()), None),
+        };
+        self.store
+            .set_analysis_state(sop, state, reason.as_deref(), id.as_deref())
+            .await?;
+        result
+    }
+
+    async fn process_inner(
+        &self,
+        sop: &str,
+        model: Option<&str>,
+    ) -> Result<Analysis, ProcessError> {
+        let ix = self
+            .store
+            .instance(sop)
+            .await?
+            .ok_or(ProcessError::NotFound)?;
+        let file = self
+            .store
+            .instance_file(&ix)
+            .await?
+            .ok_or(ProcessError::NotFound)?;
+        let file = Bytes::from(file);
+        let parsed = {
+            let f = file.clone();
+            tokio::task::spawn_blocking(move || parse_instance(&f))
+                .await
+                .map_err(|e| ParseError::Unreadable(e.to_string()))??
+        };
+        let (name, frame) = match (model, routing::route(&self.routes, &ix, parsed.has_pixels)) {
+            (Some(m), _) => (m.to_string(), 0),
+            (None, Decision::Analyse { model, frame }) => (model, frame),
+            (None, Decision::Skip(why)) => return Err(ProcessError::Skipped(why)),
+        };
+        let model = self
+            .models
+            .image_model(Some(&name))
+            .ok_or_else(|| ProcessError::Skipped(format!("model {name} is not loaded")))?
+            .clone();
+        let version = (model.manifest.name.clone(), model.manifest.version.clone());
+        let id = Uuid::new_v5(
+            &Uuid::NAMESPACE_OID,
+            format!("carina/analysis/{sop}/{}/{}/{frame}", version.0, version.1).as_bytes(),
+        );
+        let base = self.public_url.clone();
+        let analysis =
+            pipeline::analyse_with(model, file, MediaType::Dicom, id, frame, move |id| {
+                base.as_ref()
+                    .map(|b| format!("{}/v1/results/{id}/overlay.png", b.trim_end_matches('/')))
+            })
+            .await?;
+        self.store.save_analysis(&analysis, "dicom").await?;
+        if let Some(png) = &analysis.overlay_png {
+            let overlay = image::load_from_memory_with_format(png, image::ImageFormat::Png)
+                .map_err(|e| sc::ScError::from_display(&e))?
+                .to_rgb8();
+            let p = analysis.prediction.probabilities[analysis.prediction.class];
+            let summary = format!("{} {:.1}%", analysis.label_display(), p * 100.0);
+            let bytes = sc::secondary_capture(&ScInput {
+                source: &parsed.object,
+                overlay: &overlay,
+                model: (&version.0, &version.1),
+                summary: &summary,
+                created: analysis.created,
+            })?;
+            let result = tokio::task::spawn_blocking(move || parse_instance(&bytes))
+                .await
+                .map_err(|e| ParseError::Unreadable(e.to_string()))??;
+            self.store_parsed(
+                result,
+                Source::Result,
+                "skipped",
+                Some("Carina result (Secondary Capture): not analysed"),
+                Some(sop),
+            )
+            .await
+            .map_err(|e| match e {
+                IngestError::Store(s) => ProcessError::Store(s),
+                other => ProcessError::Skipped(other.to_string()),
+            })?;
+        }
+        Ok(analysis)
+    }
+}

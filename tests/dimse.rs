@@ -1,0 +1,293 @@
+//! The DIMSE SCP against real peers: dcmtk's `echoscu`/`storescu` and pynetdicom
+//! (tests/dicom/dimse_client.py). Checks C-ECHO, C-STORE of several transfer syntaxes (stored
+//! byte-for-byte as received), AE title rules, failure statuses for bad data, the free-space
+//! watermark, and that a re-send makes no duplicate.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Command;
+
+use carina::config::DicomSettings;
+use carina::dicom::dimse;
+use carina::ingest::Ingest;
+use serde_json::Value;
+
+use common::{registry_async, root};
+
+struct Scp {
+    addr: SocketAddr,
+    ingest: Ingest,
+    _dir: tempfile::TempDir,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Scp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn scp(settings: DicomSettings, min_free_mb: u64) -> Scp {
+    let dir = tempfile::tempdir().unwrap();
+    let store = carina::store::Store::open(dir.path()).await.unwrap();
+    let ingest = Ingest::new(store, registry_async().await, Vec::new(), min_free_mb, None);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(dimse::serve(
+        listener,
+        settings,
+        ingest.clone(),
+        16 * 1024 * 1024,
+        std::future::pending(),
+    ));
+    Scp {
+        addr,
+        ingest,
+        _dir: dir,
+        task,
+    }
+}
+
+/// Runs a blocking peer program off the runtime.
+async fn run(cmd: Command) -> std::process::Output {
+    let mut cmd = cmd;
+    tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e}: install dcmtk and the .venv (scripts/setup.sh --test)"))
+}
+
+fn dcmtk(tool: &str, addr: SocketAddr, aec: &str, aet: &str) -> Command {
+    let mut c = Command::new(tool);
+    c.args(["-aec", aec, "-aet", aet, "-to", "20"])
+        .arg(addr.ip().to_string())
+        .arg(addr.port().to_string());
+    c
+}
+
+fn pynetdicom(op: &str, addr: SocketAddr, extra: &[&str]) -> Command {
+    let mut c = Command::new(root().join(".venv/bin/python"));
+    c.arg(root().join("tests/dicom/dimse_client.py"))
+        .arg(op)
+        .args([
+            "--host",
+            &addr.ip().to_string(),
+            "--port",
+            &addr.port().to_string(),
+        ])
+        .args(extra);
+    c
+}
+
+fn lines(out: &std::process::Output) -> Vec<Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn sample(name: &str) -> String {
+    root()
+        .join("dicom-samples")
+        .join(name)
+        .to_string_lossy()
+        .to_string()
+}
+
+#[tokio::test]
+async fn echo_and_store_from_dcmtk_and_pynetdicom() {
+    let s = scp(DicomSettings::default(), 0).await;
+    let out = run(dcmtk("echoscu", s.addr, "CARINA", "MODALITY")).await;
+    assert!(
+        out.status.success(),
+        "echoscu: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // dcmtk storescu: native, JPEG baseline and RLE files, each proposed in its own syntax
+    let files = [
+        ("derived_DX_covid_hannover.dcm", None),
+        ("derived_DX_normal_nih-cxr14.dcm", Some("-xy")), // JPEG baseline
+        ("SC_rgb_rle_2frame.dcm", Some("-xr")),           // RLE lossless, colour
+        ("CT_small.dcm", None),
+    ];
+    for (f, propose) in files {
+        let mut cmd = dcmtk("storescu", s.addr, "CARINA", "MODALITY");
+        cmd.args(propose).arg(sample(f));
+        let out = run(cmd).await;
+        assert!(
+            out.status.success(),
+            "storescu {f}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let files = files.map(|(f, _)| f);
+    for f in files {
+        let original = std::fs::read(sample(f)).unwrap();
+        let ix = carina::dicom::parse_instance(&original).unwrap().index;
+        let stored = s
+            .ingest
+            .store()
+            .instance(&ix.sop_instance_uid)
+            .await
+            .unwrap();
+        let stored = stored.unwrap_or_else(|| panic!("{f} not stored"));
+        assert_eq!(
+            stored.transfer_syntax, ix.transfer_syntax,
+            "{f} kept its syntax"
+        );
+        let file = s
+            .ingest
+            .store()
+            .instance_file(&stored)
+            .await
+            .unwrap()
+            .unwrap();
+        // dcmtk re-encodes the data set it sends (group lengths, padding), so compare content
+        let raw = |b: &[u8]| carina::imaging::decode::raw_frame(b, 0).unwrap();
+        assert_eq!(raw(&original), raw(&file), "{f}: same pixels");
+        let st = s
+            .ingest
+            .store()
+            .instance_status(&ix.sop_instance_uid)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(st.source, "dimse");
+    }
+
+    // pynetdicom: echo, store (JPEG 2000 and deflate too), then the same again: no duplicate
+    let out = run(pynetdicom("echo", s.addr, &["--aec", "CARINA"])).await;
+    assert_eq!(lines(&out)[0]["status"], 0, "{out:?}");
+    let more = [
+        "MR_small_jp2klossless.dcm",
+        "image_dfl.dcm",
+        "SC_rgb_small_odd.dcm",
+    ];
+    for _ in 0..2 {
+        let mut args = vec!["--aec", "CARINA", "--raw"];
+        let paths: Vec<String> = more.iter().map(|f| sample(f)).collect();
+        args.extend(paths.iter().map(String::as_str));
+        let out = run(pynetdicom("store", s.addr, &args)).await;
+        let got = lines(&out);
+        assert_eq!(got.len(), more.len(), "{out:?}");
+        for l in &got {
+            assert_eq!(l["status"], 0, "{l}");
+        }
+    }
+    for f in more {
+        // pynetdicom --raw sends the file's data set bytes as they are: stored byte for byte
+        let original = std::fs::read(sample(f)).unwrap();
+        let ix = carina::dicom::parse_instance(&original).unwrap().index;
+        let stored = s
+            .ingest
+            .store()
+            .instance(&ix.sop_instance_uid)
+            .await
+            .unwrap()
+            .unwrap();
+        let file = s
+            .ingest
+            .store()
+            .instance_file(&stored)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            dataset(&original),
+            dataset(&file),
+            "{f}: data set stored byte for byte"
+        );
+    }
+    assert_eq!(
+        stored_count(&s).await,
+        files.len() + more.len(),
+        "re-sends made no duplicates"
+    );
+}
+
+async fn stored_count(s: &Scp) -> usize {
+    let all = carina::store::Query {
+        limit: 1000,
+        ..Default::default()
+    };
+    s.ingest.store().search_instances(&all).await.unwrap().len()
+}
+
+/// The bytes after the file meta group.
+fn dataset(part10: &[u8]) -> Vec<u8> {
+    let gl = u32::from_le_bytes([part10[140], part10[141], part10[142], part10[143]]) as usize;
+    part10[144 + gl..].to_vec()
+}
+
+#[tokio::test]
+async fn bad_data_gets_failure_statuses_not_success() {
+    let s = scp(DicomSettings::default(), 0).await;
+    let bad = root().join("tests/fixtures/dicom-bad");
+    let cases = [
+        ("missing_pixel_data.dcm", 0xA900),
+        ("missing_sop_instance_uid_ds_only.dcm", 0xA900),
+        ("short_pixel_data.dcm", 0xC000),
+    ];
+    for (f, want) in cases {
+        let p = bad.join(f).to_string_lossy().to_string();
+        let out = run(pynetdicom(
+            "store",
+            s.addr,
+            &["--aec", "CARINA", "--raw", &p],
+        ))
+        .await;
+        let got = lines(&out);
+        assert_eq!(
+            got.first().map(|l| l["status"].clone()),
+            Some(Value::from(want)),
+            "{f}: {out:?}"
+        );
+    }
+    assert_eq!(stored_count(&s).await, 0, "nothing failed was kept");
+}
+
+#[tokio::test]
+async fn associations_are_refused_by_ae_rules_and_when_disk_is_short() {
+    // wrong called AE title
+    let s = scp(DicomSettings::default(), 0).await;
+    let out = run(pynetdicom("echo", s.addr, &["--aec", "NOTCARINA"])).await;
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert_eq!(lines(&out)[0]["rejected"], true);
+
+    // calling AE not on the allow-list
+    let allow = DicomSettings {
+        allowed_calling_aes: vec!["PACS".into()],
+        ..DicomSettings::default()
+    };
+    let s = scp(allow, 0).await;
+    let out = run(pynetdicom(
+        "echo",
+        s.addr,
+        &["--aec", "CARINA", "--aet", "ROGUE"],
+    ))
+    .await;
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let out = run(pynetdicom(
+        "echo",
+        s.addr,
+        &["--aec", "CARINA", "--aet", "PACS"],
+    ))
+    .await;
+    assert!(out.status.success(), "{out:?}");
+
+    // free space below the watermark: transient rejection before any data is sent
+    let s = scp(DicomSettings::default(), u64::MAX / (1024 * 1024)).await;
+    let out = run(pynetdicom("echo", s.addr, &["--aec", "CARINA"])).await;
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert_eq!(lines(&out)[0]["result"], 2, "rejected-transient");
+    let mut cmd = dcmtk("storescu", s.addr, "CARINA", "MODALITY");
+    cmd.arg(sample("CT_small.dcm"));
+    let out = run(cmd).await;
+    assert!(
+        !out.status.success(),
+        "storescu must not succeed when disk is short"
+    );
+}
