@@ -59,6 +59,19 @@ if [ "$want_test" = 1 ]; then
     $SUDO apt-get install -y -q dcmtk >/dev/null 2>&1 \
       || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q dcmtk >/dev/null; }
   fi
+  # --- Orthanc PACS (+ DICOMweb plugin) for tests/orthanc/orthanc.py -------------------------
+  # Tests start their own instances on free loopback ports, so the Debian service that the
+  # package may auto-start is stopped and disabled.
+  if ! command -v Orthanc >/dev/null 2>&1; then
+    echo "setup: installing orthanc + orthanc-dicomweb (apt-get)" >&2
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get install -y -q orthanc orthanc-dicomweb >/dev/null 2>&1 \
+      || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q orthanc orthanc-dicomweb >/dev/null; }
+    $SUDO service orthanc stop >/dev/null 2>&1 || true
+    if [ -d /run/systemd/system ]; then $SUDO systemctl disable --now orthanc >/dev/null 2>&1 || true; fi
+    $SUDO update-rc.d orthanc disable >/dev/null 2>&1 || true
+  fi
+  # --- end Orthanc ---------------------------------------------------------------------------
   if [ ! -x .venv/bin/python ] || ! cmp -s tests/requirements.txt .venv/.requirements 2>/dev/null; then
     echo "setup: creating .venv with tests/requirements.txt" >&2
     "$PY" -m venv .venv

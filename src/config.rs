@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::dicom::export::Destination;
 use crate::dicom::routing::Route;
 use crate::inference::ExecutionProvider;
 
@@ -61,6 +62,8 @@ pub struct DicomSettings {
     pub min_free_mb: u64,
     /// Routing rules (first match wins); none configured: CR/DX chest → the first image model.
     pub routes: Vec<Route>,
+    /// PACS destinations that receive Carina's Secondary Capture results.
+    pub destinations: Vec<Destination>,
 }
 
 impl Default for DicomSettings {
@@ -75,6 +78,7 @@ impl Default for DicomSettings {
             max_pdu: 65536,
             min_free_mb: 512,
             routes: Vec::new(),
+            destinations: Vec::new(),
         }
     }
 }

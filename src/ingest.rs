@@ -15,6 +15,7 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
+use crate::dicom::export::Exporter;
 use crate::dicom::parse::ParsedInstance;
 use crate::dicom::routing::{self, Decision, Route};
 use crate::dicom::sc::{self, ScInput};
@@ -112,6 +113,7 @@ pub struct Ingest {
     min_free_bytes: u64,
     public_url: Option<String>,
     wake: Arc<Notify>,
+    exporter: Option<Exporter>,
 }
 
 impl Ingest {
@@ -138,7 +140,15 @@ impl Ingest {
             min_free_bytes: min_free_mb.saturating_mul(1024 * 1024),
             public_url,
             wake: Arc::new(Notify::new()),
+            exporter: None,
         }
+    }
+
+    /// Sends each Secondary Capture result to the exporter's destinations.
+    #[must_use]
+    pub fn with_exporter(mut self, exporter: Exporter) -> Self {
+        self.exporter = Some(exporter);
+        self
     }
 
     /// The store.
@@ -360,18 +370,23 @@ impl Ingest {
             let result = tokio::task::spawn_blocking(move || parse_instance(&bytes))
                 .await
                 .map_err(|e| ParseError::Unreadable(e.to_string()))??;
-            self.store_parsed(
-                result,
-                Source::Result,
-                "skipped",
-                Some("Carina result (Secondary Capture): not analysed"),
-                Some(sop),
-            )
-            .await
-            .map_err(|e| match e {
-                IngestError::Store(s) => ProcessError::Store(s),
-                other => ProcessError::Skipped(other.to_string()),
-            })?;
+            let stored = self
+                .store_parsed(
+                    result,
+                    Source::Result,
+                    "skipped",
+                    Some("Carina result (Secondary Capture): not analysed"),
+                    Some(sop),
+                )
+                .await
+                .map_err(|e| match e {
+                    IngestError::Store(s) => ProcessError::Store(s),
+                    other => ProcessError::Skipped(other.to_string()),
+                })?;
+            if let Some(x) = &self.exporter {
+                // queued once per destination, whether this run or an earlier one stored it
+                x.enqueue(&stored.index.sop_instance_uid).await?;
+            }
         }
         Ok(analysis)
     }

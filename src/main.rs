@@ -10,6 +10,7 @@ use carina::api;
 use carina::app::AppState;
 use carina::cli::{self, Cli, Command, Common};
 use carina::dicom::dimse;
+use carina::dicom::export::Exporter;
 use carina::inference::Registry;
 use carina::ingest::Ingest;
 use carina::store::Store;
@@ -51,13 +52,19 @@ fn serve(common: &Common) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         let store = Store::open(&settings.data_dir).await?;
+        let exporter = Exporter::new(
+            store.clone(),
+            settings.dicom.destinations.clone(),
+            settings.dicom.ae_title.clone(),
+        );
         let ingest = Ingest::new(
             store.clone(),
             models.clone(),
             settings.dicom.routes.clone(),
             settings.dicom.min_free_mb,
             settings.public_url.clone(),
-        );
+        )
+        .with_exporter(exporter.clone());
         let state = AppState {
             models,
             store,
@@ -71,6 +78,7 @@ fn serve(common: &Common) -> anyhow::Result<()> {
             let _ = rx.wait_for(|v| *v).await;
         };
         let worker = tokio::spawn(ingest.clone().run_worker(stopped(stop_rx.clone())));
+        tokio::spawn(exporter.run(stopped(stop_rx.clone())));
         if let Some(addr) = settings.dicom.dimse {
             let listener = tokio::net::TcpListener::bind(addr).await?;
             tracing::info!(addr = %listener.local_addr()?, ae_title = %settings.dicom.ae_title, "DIMSE SCP listening");

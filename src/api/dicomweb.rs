@@ -547,6 +547,8 @@ pub async fn instance_status(
     if let Some(id) = &st.analysis_id {
         v["result_url"] = Value::from(format!("{base}/v1/results/{id}"));
     }
+    let exports = state.store.exports(Some(&sop), None, 100).await?;
+    v["exports"] = serde_json::to_value(exports).map_err(ApiError::internal)?;
     v["retrieve_url"] = Value::from(format!(
         "{base}/dicomweb/studies/{}/series/{}/instances/{}",
         st.study_uid, st.series_uid, st.sop_instance_uid
@@ -565,4 +567,39 @@ pub async fn study_status(
         return Err(ApiError::not_found(format!("no study '{study}'")));
     }
     Ok(Json(serde_json::to_value(all).map_err(ApiError::internal)?))
+}
+
+/// `GET /v1/exports` query.
+#[derive(Debug, serde::Deserialize)]
+pub struct ExportsQuery {
+    /// pending | sent | failed.
+    pub state: Option<String>,
+    /// Only this instance's exports.
+    pub sop: Option<String>,
+    /// Page size (default 100, at most 1000).
+    pub limit: Option<i64>,
+}
+
+/// `GET /v1/exports`: result exports to PACS destinations and their state.
+pub async fn exports(
+    State(state): State<AppState>,
+    Query(q): Query<ExportsQuery>,
+) -> Result<Json<Value>, ApiError> {
+    if let Some(s) = &q.state {
+        if !matches!(s.as_str(), "pending" | "sent" | "failed") {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                "state is pending, sent or failed",
+            ));
+        }
+    }
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let rows = state
+        .store
+        .exports(q.sop.as_deref(), q.state.as_deref(), limit)
+        .await?;
+    Ok(Json(
+        serde_json::to_value(rows).map_err(ApiError::internal)?,
+    ))
 }

@@ -32,6 +32,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/results/{id}/input.png", get(analyze::input))
         .route("/v1/instances/{sop}", get(dicomweb::instance_status))
         .route("/v1/studies/{study}/instances", get(dicomweb::study_status))
+        .route("/v1/exports", get(dicomweb::exports))
         .route(
             "/dicomweb/studies",
             get(dicomweb::search_studies).post(dicomweb::stow),

@@ -324,16 +324,24 @@ async fn send_command(
 
 /// The elements of a DIMSE command set Carina reads (Implicit VR Little Endian, PS3.7 E).
 #[derive(Debug, Default, PartialEq, Eq)]
-struct Command {
-    field: Option<u16>,
-    message_id: u16,
-    sop_class: Option<String>,
-    sop_instance: Option<String>,
-    has_data_set: bool,
+pub(super) struct Command {
+    /// Command Field.
+    pub field: Option<u16>,
+    /// Message ID.
+    pub message_id: u16,
+    /// Affected SOP Class UID.
+    pub sop_class: Option<String>,
+    /// Affected SOP Instance UID.
+    pub sop_instance: Option<String>,
+    /// Whether a data set follows.
+    pub has_data_set: bool,
+    /// Status (responses).
+    pub status: Option<u16>,
 }
 
 impl Command {
-    fn parse(b: &[u8]) -> Self {
+    /// Reads the elements Carina needs; unknown ones are skipped.
+    pub fn parse(b: &[u8]) -> Self {
         let mut c = Command::default();
         let mut i = 0;
         while i + 8 <= b.len() {
@@ -355,6 +363,7 @@ impl Command {
                     0x0100 => c.field = us(),
                     0x0110 => c.message_id = us().unwrap_or(0),
                     0x0800 => c.has_data_set = us().is_some_and(|t| t != NO_DATA_SET),
+                    0x0900 => c.status = us(),
                     0x1000 => c.sop_instance = Some(ui()),
                     _ => {}
                 }
@@ -365,13 +374,16 @@ impl Command {
     }
 }
 
-/// A response command set (Implicit VR Little Endian, with its group length).
-fn response(
+/// A DIMSE command set (Implicit VR Little Endian, with its group length): a request when
+/// `field` has no 0x8000 bit (Message ID, priority), a response otherwise (Message ID Being
+/// Responded To, Status).
+pub(super) fn command_set(
     field: u16,
-    responding_to: u16,
+    message_id: u16,
     sop_class: &str,
     sop_instance: Option<&str>,
-    st: u16,
+    status: Option<u16>,
+    data_set: bool,
 ) -> Vec<u8> {
     fn put(out: &mut Vec<u8>, elem: u16, v: &[u8]) {
         out.extend_from_slice(&0u16.to_le_bytes());
@@ -386,12 +398,21 @@ fn response(
         }
         v
     }
+    let response = field & 0x8000 != 0;
     let mut body = Vec::new();
     put(&mut body, 0x0002, &uid(sop_class));
     put(&mut body, 0x0100, &field.to_le_bytes());
-    put(&mut body, 0x0120, &responding_to.to_le_bytes());
-    put(&mut body, 0x0800, &NO_DATA_SET.to_le_bytes());
-    put(&mut body, 0x0900, &st.to_le_bytes());
+    if response {
+        put(&mut body, 0x0120, &message_id.to_le_bytes());
+    } else {
+        put(&mut body, 0x0110, &message_id.to_le_bytes());
+        put(&mut body, 0x0700, &0u16.to_le_bytes()); // priority: medium
+    }
+    let data_set_type = if data_set { 0x0000u16 } else { NO_DATA_SET };
+    put(&mut body, 0x0800, &data_set_type.to_le_bytes());
+    if let Some(st) = status {
+        put(&mut body, 0x0900, &st.to_le_bytes());
+    }
     if let Some(i) = sop_instance {
         put(&mut body, 0x1000, &uid(i));
     }
@@ -399,6 +420,24 @@ fn response(
     put(&mut out, 0x0000, &(body.len() as u32).to_le_bytes());
     out.extend_from_slice(&body);
     out
+}
+
+/// A response command set with its status.
+fn response(
+    field: u16,
+    responding_to: u16,
+    sop_class: &str,
+    sop_instance: Option<&str>,
+    st: u16,
+) -> Vec<u8> {
+    command_set(
+        field,
+        responding_to,
+        sop_class,
+        sop_instance,
+        Some(st),
+        false,
+    )
 }
 
 #[cfg(test)]
@@ -419,6 +458,19 @@ mod tests {
         assert_eq!(c.sop_class.as_deref(), Some("1.2.840.10008.5.1.4.1.1.7"));
         assert_eq!(c.sop_instance.as_deref(), Some("1.2.3"));
         assert!(!c.has_data_set);
+        assert_eq!(c.status, Some(0xA700));
+        let rq = Command::parse(&command_set(
+            C_STORE_RQ,
+            3,
+            "1.2",
+            Some("1.2.3"),
+            None,
+            true,
+        ));
+        assert_eq!(
+            (rq.field, rq.message_id, rq.has_data_set),
+            (Some(C_STORE_RQ), 3, true)
+        );
         let gl = u32::from_le_bytes([r[8], r[9], r[10], r[11]]) as usize;
         assert_eq!(gl, r.len() - 12, "group length covers the rest");
         assert_eq!(r.len() % 2, 0);

@@ -3,6 +3,7 @@
 //! committed, so a crash never leaves an answered analysis behind.
 
 pub mod blob;
+pub mod exports;
 pub mod instances;
 
 use std::path::Path;
@@ -16,6 +17,7 @@ use sqlx::Row;
 use uuid::Uuid;
 
 pub use blob::BlobStore;
+pub use exports::ExportRow;
 pub use instances::{InstanceStatus, Query, Source, StudyHit};
 
 use crate::pipeline::Analysis;

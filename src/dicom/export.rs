@@ -1,0 +1,413 @@
+//! Export of Carina's results to PACS destinations: DIMSE C-STORE SCU (dicom-ul) or a DICOMweb
+//! STOW-RS client, with retries and exponential backoff. Each (instance, destination) is a row
+//! in the store, so a destination that is down or rejecting costs one attempt per backoff step
+//! (never a loop), survives restarts, and shows in `GET /v1/exports`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::Utc;
+use dicom_ul::association::client::ClientAssociationOptions;
+use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason};
+use dicom_ul::Pdu;
+use http_body_util::{BodyExt, Full};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::Notify;
+
+use super::dimse::{command_set, Command};
+use super::status;
+use crate::store::{ExportRow, Store};
+
+/// How results reach a destination.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DestinationKind {
+    /// DIMSE C-STORE to `address` (`host:port`), called AE `ae_title`.
+    Dimse,
+    /// STOW-RS to `url` (the DICOMweb base, e.g. `http://pacs:8042/dicom-web`).
+    Stow,
+}
+
+/// A PACS destination (`[[dicom.destinations]]`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Destination {
+    /// Name shown in export statuses.
+    pub name: String,
+    /// `dimse` or `stow`.
+    pub kind: DestinationKind,
+    /// DIMSE: `host:port`.
+    #[serde(default)]
+    pub address: Option<String>,
+    /// DIMSE: the destination's AE title.
+    #[serde(default)]
+    pub ae_title: Option<String>,
+    /// STOW: DICOMweb base URL (`http://` only).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Attempts before the export is marked failed (default 6).
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
+    /// First retry delay in seconds, doubled per attempt, capped at 1 hour (default 10).
+    #[serde(default)]
+    pub backoff_secs: Option<u64>,
+}
+
+/// Why an attempt failed; `retry` is false for refusals that will not change.
+#[derive(Debug)]
+struct Failure {
+    message: String,
+    retry: bool,
+}
+
+fn transient(message: impl Into<String>) -> Failure {
+    Failure {
+        message: message.into(),
+        retry: true,
+    }
+}
+
+/// The export service.
+#[derive(Clone)]
+pub struct Exporter {
+    store: Store,
+    destinations: Arc<Vec<Destination>>,
+    calling_ae: String,
+    wake: Arc<Notify>,
+}
+
+impl Exporter {
+    /// Builds the service.
+    pub fn new(store: Store, destinations: Vec<Destination>, calling_ae: String) -> Self {
+        Self {
+            store,
+            destinations: Arc::new(destinations),
+            calling_ae,
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Queues `sop` for every destination.
+    ///
+    /// # Errors
+    /// When the queue cannot be written.
+    pub async fn enqueue(&self, sop: &str) -> Result<(), crate::store::StoreError> {
+        if self.destinations.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<String> = self.destinations.iter().map(|d| d.name.clone()).collect();
+        self.store.enqueue_exports(sop, &names).await?;
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Sends due exports until `stop` resolves.
+    pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
+        tokio::pin!(stop);
+        loop {
+            let due = match self.store.due_exports(Utc::now(), 16).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the export queue");
+                    Vec::new()
+                }
+            };
+            for row in &due {
+                self.attempt(row).await;
+            }
+            if !due.is_empty() {
+                continue;
+            }
+            let wait = match self.store.next_export_due().await {
+                Ok(Some(t)) => (t - Utc::now())
+                    .to_std()
+                    .unwrap_or(Duration::ZERO)
+                    .min(Duration::from_secs(30)),
+                _ => Duration::from_secs(30),
+            };
+            tokio::select! {
+                () = &mut stop => return,
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    async fn attempt(&self, row: &ExportRow) {
+        let Some(dest) = self.destinations.iter().find(|d| d.name == row.destination) else {
+            let _ = self
+                .store
+                .record_export(
+                    &row.sop_instance_uid,
+                    &row.destination,
+                    "failed",
+                    row.attempts,
+                    Utc::now(),
+                    Some("destination no longer configured"),
+                )
+                .await;
+            return;
+        };
+        let outcome = self.send(dest, &row.sop_instance_uid).await;
+        let attempts = row.attempts + 1;
+        let max = i64::from(dest.max_attempts.unwrap_or(6).max(1));
+        let (state, next, error) = match outcome {
+            Ok(()) => ("sent", Utc::now(), None),
+            Err(f) if f.retry && attempts < max => {
+                let base = dest.backoff_secs.unwrap_or(10).max(1);
+                let delay = base
+                    .saturating_mul(1u64 << (attempts - 1).clamp(0, 20) as u32)
+                    .min(3600);
+                (
+                    "pending",
+                    Utc::now() + chrono::Duration::seconds(delay as i64),
+                    Some(f.message),
+                )
+            }
+            Err(f) => ("failed", Utc::now(), Some(f.message)),
+        };
+        match &error {
+            None => tracing::info!(destination = %dest.name, "result exported"),
+            Some(e) => {
+                tracing::warn!(destination = %dest.name, attempt = attempts, state, error = %e, "export attempt failed")
+            }
+        }
+        if let Err(e) = self
+            .store
+            .record_export(
+                &row.sop_instance_uid,
+                &dest.name,
+                state,
+                attempts,
+                next,
+                error.as_deref(),
+            )
+            .await
+        {
+            tracing::error!(error = %e, "cannot record an export attempt");
+        }
+    }
+
+    async fn send(&self, dest: &Destination, sop: &str) -> Result<(), Failure> {
+        let ix = self
+            .store
+            .instance(sop)
+            .await
+            .map_err(|e| transient(e.to_string()))?
+            .ok_or_else(|| Failure {
+                message: "instance no longer stored".into(),
+                retry: false,
+            })?;
+        let file = self
+            .store
+            .instance_file(&ix)
+            .await
+            .map_err(|e| transient(e.to_string()))?
+            .ok_or_else(|| Failure {
+                message: "instance file missing".into(),
+                retry: false,
+            })?;
+        match dest.kind {
+            DestinationKind::Dimse => {
+                let addr = dest.address.as_deref().ok_or_else(|| Failure {
+                    message: "no address configured".into(),
+                    retry: false,
+                })?;
+                let aet = dest.ae_title.as_deref().unwrap_or("ANY-SCP");
+                tokio::time::timeout(
+                    Duration::from_secs(60),
+                    c_store(
+                        &self.calling_ae,
+                        aet,
+                        addr,
+                        &ix.sop_class_uid,
+                        &ix.sop_instance_uid,
+                        &ix.transfer_syntax,
+                        &file,
+                    ),
+                )
+                .await
+                .map_err(|_| transient("C-STORE timed out"))?
+            }
+            DestinationKind::Stow => {
+                let url = dest.url.as_deref().ok_or_else(|| Failure {
+                    message: "no url configured".into(),
+                    retry: false,
+                })?;
+                tokio::time::timeout(Duration::from_secs(60), stow(url, Bytes::from(file)))
+                    .await
+                    .map_err(|_| transient("STOW-RS timed out"))?
+            }
+        }
+    }
+}
+
+/// The data set bytes of a Part 10 file (after the file meta group).
+fn data_set(part10: &[u8]) -> Option<&[u8]> {
+    let gl = part10.get(140..144)?;
+    let gl = u32::from_le_bytes([gl[0], gl[1], gl[2], gl[3]]) as usize;
+    part10.get(144 + gl..)
+}
+
+/// One C-STORE over a new association; the instance goes in its stored transfer syntax.
+async fn c_store(
+    calling: &str,
+    called: &str,
+    addr: &str,
+    sop_class: &str,
+    sop_instance: &str,
+    ts: &str,
+    file: &[u8],
+) -> Result<(), Failure> {
+    let data = data_set(file).ok_or_else(|| Failure {
+        message: "stored file has no data set".into(),
+        retry: false,
+    })?;
+    let mut assoc = ClientAssociationOptions::new()
+        .calling_ae_title(calling)
+        .called_ae_title(called)
+        .with_presentation_context(sop_class, vec![ts])
+        .connection_timeout(Duration::from_secs(10))
+        .read_timeout(Duration::from_secs(30))
+        .establish_async(addr)
+        .await
+        .map_err(|e| transient(format!("association with {called}@{addr} failed: {e}")))?;
+    let pc = assoc
+        .presentation_contexts()
+        .iter()
+        .find(|pc| pc.reason == PresentationContextResultReason::Acceptance)
+        .map(|pc| pc.id);
+    let Some(pc) = pc else {
+        let _ = assoc.abort().await;
+        return Err(Failure {
+            message: format!(
+                "{called} accepts neither SOP class {sop_class} nor transfer syntax {ts}"
+            ),
+            retry: false,
+        });
+    };
+    let cmd = command_set(0x0001, 1, sop_class, Some(sop_instance), None, true);
+    assoc
+        .send(&Pdu::PData {
+            data: vec![PDataValue {
+                presentation_context_id: pc,
+                value_type: PDataValueType::Command,
+                is_last: true,
+                data: cmd,
+            }],
+        })
+        .await
+        .map_err(|e| transient(e.to_string()))?;
+    {
+        let mut w = assoc.send_pdata(pc);
+        w.write_all(data)
+            .await
+            .map_err(|e| transient(e.to_string()))?;
+        w.finish().await.map_err(|e| transient(e.to_string()))?;
+    }
+    let mut reply = Vec::new();
+    let st = loop {
+        match assoc
+            .receive()
+            .await
+            .map_err(|e| transient(e.to_string()))?
+        {
+            Pdu::PData { data } => {
+                for pdv in data {
+                    if pdv.value_type == PDataValueType::Command {
+                        reply.extend_from_slice(&pdv.data);
+                    }
+                    if pdv.is_last && pdv.value_type == PDataValueType::Command {
+                        break;
+                    }
+                }
+                if let Some(s) = Command::parse(&reply).status {
+                    break s;
+                }
+            }
+            Pdu::AbortRQ { .. } => {
+                return Err(transient("the destination aborted the association"))
+            }
+            _ => {}
+        }
+    };
+    let _ = assoc.release().await;
+    match st {
+        status::SUCCESS => Ok(()),
+        s if s & 0xF000 == 0xB000 => Ok(()), // warning: stored
+        s if s & 0xFF00 == 0xA700 => Err(transient(format!(
+            "C-STORE status {s:04X} (out of resources)"
+        ))),
+        s => Err(Failure {
+            message: format!("C-STORE refused with status {s:04X}"),
+            retry: false,
+        }),
+    }
+}
+
+/// One STOW-RS request with one instance.
+async fn stow(base: &str, file: Bytes) -> Result<(), Failure> {
+    let rest = base.strip_prefix("http://").ok_or_else(|| Failure {
+        message: format!("only http:// DICOMweb URLs are supported: {base}"),
+        retry: false,
+    })?;
+    let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
+    // origin-form request target: some servers refuse the absolute form
+    let path = path.trim_end_matches('/');
+    let uri = if path.is_empty() {
+        "/studies".to_string()
+    } else {
+        format!("/{path}/studies")
+    };
+    let stream = tokio::net::TcpStream::connect(authority)
+        .await
+        .map_err(|e| transient(format!("cannot connect to {authority}: {e}")))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| transient(e.to_string()))?;
+    tokio::spawn(conn);
+    let boundary = format!("carina-{}", uuid::Uuid::new_v4().simple());
+    let mut body = format!("--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").into_bytes();
+    body.extend_from_slice(&file);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let req = hyper::Request::post(&uri)
+        .header(hyper::header::HOST, authority)
+        .header(
+            hyper::header::CONTENT_TYPE,
+            format!("multipart/related; type=\"application/dicom\"; boundary={boundary}"),
+        )
+        .header(hyper::header::ACCEPT, "application/dicom+json")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| Failure {
+            message: e.to_string(),
+            retry: false,
+        })?;
+    let res = sender
+        .send_request(req)
+        .await
+        .map_err(|e| transient(e.to_string()))?;
+    let code = res.status();
+    let text = res
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let snippet: String = String::from_utf8_lossy(&text).chars().take(200).collect();
+    if code.is_success() && code != hyper::StatusCode::ACCEPTED {
+        Ok(())
+    } else if code.is_server_error()
+        || code == hyper::StatusCode::TOO_MANY_REQUESTS
+        || code == hyper::StatusCode::REQUEST_TIMEOUT
+    {
+        Err(transient(format!("STOW-RS answered {code}: {snippet}")))
+    } else {
+        Err(Failure {
+            message: format!("STOW-RS answered {code}: {snippet}"),
+            retry: false,
+        })
+    }
+}
