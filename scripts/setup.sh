@@ -2,6 +2,8 @@
 # Installs what Carina needs, into folders of this checkout (idempotent; only --test may use apt):
 #   .deps/onnxruntime/   libonnxruntime.so from PyPI's onnxruntime wheel (ort's own download
 #                        cannot reach its host here); found automatically by `carina`.
+#   .deps/cmake/         cmake from PyPI when the system has none: building the CharLS (JPEG-LS)
+#                        codec needs it; scripts put .deps/cmake/bin on PATH (see scripts/env.sh).
 #   .venv/               (with --test) Python tools the tests call: FHIR R4 validators, DICOM
 #                        clients, reference decoders.
 #   tests/fhir/node_modules  (with --test) the official FHIR R4 JSON schema validator.
@@ -41,6 +43,12 @@ if ! ls .deps/onnxruntime/libonnxruntime.so.* >/dev/null 2>&1; then
   "$PY" -m pip download -q --no-deps --only-binary=:all: -d .deps/wheels "onnxruntime==$ORT_VERSION"
   extract_ort .deps/wheels/onnxruntime-*.whl .deps/onnxruntime
   rm -rf .deps/wheels
+fi
+
+if ! command -v cmake >/dev/null 2>&1 && [ ! -x .deps/cmake/bin/cmake ]; then
+  echo "setup: installing cmake from PyPI into .deps/cmake (needed to build the JPEG-LS codec)" >&2
+  "$PY" -m venv .deps/cmake
+  .deps/cmake/bin/pip install -q "cmake>=3.20,<4"
 fi
 
 if [ "$want_gpu" = 1 ] && ! ls .deps/onnxruntime-gpu/libonnxruntime_providers_cuda.so >/dev/null 2>&1; then

@@ -6,5 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
+source scripts/env.sh
 export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
 cargo test --lib --bins --tests "$@"

@@ -206,6 +206,7 @@ fn decode_dicom(bytes: &[u8], frame: u32) -> Result<DecodedImage, DecodeError> {
         .read_preamble(ReadPreamble::Never)
         .from_reader(&bytes[offset..])
         .map_err(|e| DecodeError::Dicom(e.to_string()))?;
+    let obj = rle::native_if_fragmented(obj)?;
     let meta = dicom_meta(&obj);
     let frames = obj
         .element_opt(tags::NUMBER_OF_FRAMES)
@@ -220,10 +221,17 @@ fn decode_dicom(bytes: &[u8], frame: u32) -> Result<DecodedImage, DecodeError> {
     let pixels = obj
         .decode_pixel_data_frame(frame)
         .map_err(|e| DecodeError::Pixels(e.to_string()))?;
-    let img = if pixels.photometric_interpretation()
-        == &dicom_pixeldata::PhotometricInterpretation::PaletteColor
-    {
+    let photometric = pixels.photometric_interpretation().clone();
+    let has_voi = [tags::WINDOW_CENTER, tags::VOILUT_SEQUENCE]
+        .iter()
+        .any(|t| obj.element_opt(*t).ok().flatten().is_some());
+    let img = if photometric == dicom_pixeldata::PhotometricInterpretation::PaletteColor {
         apply_palette(&obj, &pixels)?
+    } else if photometric.is_monochrome() && pixels.samples_per_pixel() == 1 && !has_voi {
+        min_max_8bit(
+            &pixels,
+            photometric == dicom_pixeldata::PhotometricInterpretation::Monochrome1,
+        )?
     } else {
         let options = ConvertOptions::new().force_8bit();
         to_8bit(
@@ -255,6 +263,7 @@ pub fn raw_frame(bytes: &[u8], frame: u32) -> Result<(Vec<usize>, Vec<f32>), Dec
             .read_preamble(ReadPreamble::Never)
             .from_reader(&bytes[offset..])
             .map_err(|e| DecodeError::Dicom(e.to_string()))?;
+        let obj = rle::native_if_fragmented(obj)?;
         let px = obj
             .decode_pixel_data_frame(frame)
             .map_err(|e| DecodeError::Pixels(e.to_string()))?;
@@ -276,6 +285,38 @@ pub fn raw_frame(bytes: &[u8], frame: u32) -> Result<(Vec<usize>, Vec<f32>), Dec
             "the decoder failed on this data".into(),
         ))
     })
+}
+
+/// Monochrome without any VOI transform in the object: Modality LUT / rescale, then the
+/// frame's own min..max mapped linearly to 0..255 (inverted for MONOCHROME1). Done here because
+/// dicom-pixeldata 0.10.1's normalisation goes wrong for negative stored values.
+fn min_max_8bit(
+    pixels: &dicom_pixeldata::DecodedPixelData<'_>,
+    monochrome1: bool,
+) -> Result<DynamicImage, DecodeError> {
+    let v: Vec<f32> = pixels
+        .to_vec_frame(0)
+        .map_err(|e| DecodeError::Pixels(e.to_string()))?;
+    let (lo, hi) = v
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), x| {
+            (lo.min(*x), hi.max(*x))
+        });
+    let range = hi - lo;
+    let (w, h) = (pixels.columns(), pixels.rows());
+    let img = GrayImage::from_fn(w, h, |x, y| {
+        let p = v.get((y * w + x) as usize).copied().unwrap_or(lo);
+        let mut g = if range > 0.0 {
+            (p - lo) / range * 255.0
+        } else {
+            0.0
+        };
+        if monochrome1 {
+            g = 255.0 - g;
+        }
+        image::Luma([(g + 0.5).floor().clamp(0.0, 255.0) as u8])
+    });
+    Ok(DynamicImage::ImageLuma8(img))
 }
 
 /// PALETTE COLOR (PS3.3 C.7.6.3.1.5): each stored index looks up the red, green and blue
@@ -359,6 +400,167 @@ pub fn dicom_meta(obj: &DefaultDicomObject) -> DicomMeta {
     }
 }
 
+/// RLE Lossless frames split over several fragments (allowed by PS3.5 A.4 for other syntaxes
+/// and found in real files) make dicom-rs 0.10.1's RLE decoder panic. Such objects are decoded
+/// here (PS3.5 Annex G) into native pixel data, then take the normal path.
+mod rle {
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_dictionary_std::tags;
+    use dicom_object::DefaultDicomObject;
+
+    use super::DecodeError;
+
+    const RLE: &str = "1.2.840.10008.1.2.5";
+    const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
+
+    fn bad(why: &str) -> DecodeError {
+        DecodeError::Pixels(format!("RLE data: {why}"))
+    }
+
+    /// PackBits-decodes one segment into exactly `n` bytes.
+    fn segment(data: &[u8], n: usize) -> Result<Vec<u8>, DecodeError> {
+        let mut out = Vec::with_capacity(n);
+        let mut i = 0;
+        while out.len() < n && i < data.len() {
+            let h = data[i] as i8;
+            i += 1;
+            if h >= 0 {
+                let len = h as usize + 1;
+                let lit = data
+                    .get(i..i + len)
+                    .ok_or_else(|| bad("literal run past the end"))?;
+                out.extend_from_slice(lit);
+                i += len;
+            } else if h != -128 {
+                let b = *data.get(i).ok_or_else(|| bad("repeat run past the end"))?;
+                out.extend(std::iter::repeat_n(b, (1 - i16::from(h)) as usize));
+                i += 1;
+            }
+        }
+        if out.len() < n {
+            return Err(bad("segment shorter than the image"));
+        }
+        out.truncate(n);
+        Ok(out)
+    }
+
+    /// Decodes one frame (all its fragments joined) into native little-endian samples,
+    /// interleaved (Planar Configuration 0).
+    pub(super) fn frame(
+        data: &[u8],
+        pixels: usize,
+        spp: usize,
+        bytes: usize,
+    ) -> Result<Vec<u8>, DecodeError> {
+        let header = data.get(..64).ok_or_else(|| bad("no RLE header"))?;
+        let word = |k: usize| {
+            u32::from_le_bytes([
+                header[4 * k],
+                header[4 * k + 1],
+                header[4 * k + 2],
+                header[4 * k + 3],
+            ]) as usize
+        };
+        let count = word(0);
+        if count != spp * bytes || count > 15 {
+            return Err(bad("segment count does not match the image"));
+        }
+        let mut out = vec![0u8; pixels * spp * bytes];
+        for seg in 0..count {
+            let start = word(seg + 1);
+            let end = if seg + 1 < count {
+                word(seg + 2)
+            } else {
+                data.len()
+            };
+            let raw = data
+                .get(start..end.max(start))
+                .ok_or_else(|| bad("segment offset past the end"))?;
+            let plane = segment(raw, pixels)?;
+            let (sample, msb_index) = (seg / bytes, seg % bytes);
+            let byte = bytes - 1 - msb_index; // segments go most significant byte first
+            for (i, v) in plane.into_iter().enumerate() {
+                out[(i * spp + sample) * bytes + byte] = v;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Returns `obj` unchanged unless it is single-frame RLE with several fragments, which is
+    /// decoded into a native Explicit VR Little Endian object.
+    pub(super) fn native_if_fragmented(
+        mut obj: DefaultDicomObject,
+    ) -> Result<DefaultDicomObject, DecodeError> {
+        if obj.meta().transfer_syntax().trim_end_matches('\0') != RLE {
+            return Ok(obj);
+        }
+        let int = |t| {
+            obj.element_opt(t)
+                .ok()
+                .flatten()
+                .and_then(|e| e.to_int::<usize>().ok())
+        };
+        let frames = int(tags::NUMBER_OF_FRAMES).unwrap_or(1);
+        let Ok(Some(px)) = obj.element_opt(tags::PIXEL_DATA) else {
+            return Ok(obj);
+        };
+        let Some(fragments) = px.fragments() else {
+            return Ok(obj);
+        };
+        if fragments.len() <= frames {
+            return Ok(obj);
+        }
+        if frames != 1 {
+            return Err(bad("several fragments per frame in a multi-frame image"));
+        }
+        let joined: Vec<u8> = fragments.iter().flatten().copied().collect();
+        let (rows, cols) = (
+            int(tags::ROWS).unwrap_or(0),
+            int(tags::COLUMNS).unwrap_or(0),
+        );
+        let spp = int(tags::SAMPLES_PER_PIXEL).unwrap_or(1).max(1);
+        let bytes = int(tags::BITS_ALLOCATED).unwrap_or(8).div_ceil(8).max(1);
+        let mut native = frame(&joined, rows * cols, spp, bytes)?;
+        if native.len() % 2 == 1 {
+            native.push(0);
+        }
+        // the value type a file read gives: bytes for OB, 16-bit words for OW
+        let (vr, value) = if bytes == 2 {
+            let words: Vec<u16> = native
+                .chunks_exact(2)
+                .map(|w| u16::from_le_bytes([w[0], w[1]]))
+                .collect();
+            (VR::OW, PrimitiveValue::U16(words.into()))
+        } else {
+            (VR::OB, PrimitiveValue::from(native))
+        };
+        obj.put(DataElement::new(tags::PIXEL_DATA, vr, value));
+        if spp > 1 {
+            obj.put(DataElement::new(
+                tags::PLANAR_CONFIGURATION,
+                VR::US,
+                PrimitiveValue::from(0u16),
+            ));
+        }
+        obj.meta_mut().transfer_syntax = EXPLICIT_LE.to_string();
+        Ok(obj)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn packbits_literal_and_repeat_runs() {
+            // literal 3 bytes, repeat 0x07 four times, no-op, literal 1
+            let data = [2, 1, 2, 3, (-3i8) as u8, 7, 0x80, 0, 9];
+            assert_eq!(
+                super::segment(&data, 8).unwrap(),
+                vec![1, 2, 3, 7, 7, 7, 7, 9]
+            );
+            assert!(super::segment(&data, 20).is_err());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -400,16 +602,14 @@ mod tests {
     }
 
     #[test]
-    fn a_panicking_codec_becomes_a_decode_error() {
+    fn rle_frames_split_over_fragments_are_decoded() {
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/dicom-samples/D_CLUNIE_CT1_RLE_FRAGS.dcm"
         );
         let bytes = std::fs::read(path).unwrap();
-        match decode(&bytes, MediaType::Dicom) {
-            Ok(img) => assert_eq!(img.image.width(), 512, "decodes once dicom-rs is fixed"),
-            Err(e) => assert!(matches!(e, DecodeError::Pixels(_)), "{e}"),
-        }
+        let img = decode(&bytes, MediaType::Dicom).unwrap();
+        assert_eq!(img.image.width(), 512, "decoded by Carina's RLE fallback");
     }
 
     #[test]
