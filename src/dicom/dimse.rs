@@ -114,7 +114,42 @@ pub async fn serve(
 }
 
 /// Reads the A-ASSOCIATE-RQ and answers A-ASSOCIATE-RJ (transient, service provider).
-async fn reject(mut socket: TcpStream, reason: AssociationRJServiceProviderPresentationReason) {
+async fn reject(socket: TcpStream, reason: AssociationRJServiceProviderPresentationReason) {
+    reject_with(
+        socket,
+        AssociationRJResult::Transient,
+        AssociationRJSource::ServiceProviderPresentation(reason),
+    )
+    .await;
+}
+
+/// The called and calling AE titles of the A-ASSOCIATE-RQ waiting on `socket`, read without
+/// consuming it (PS3.8 9.3.2: called AE at bytes 10..26, calling AE at 26..42).
+async fn peek_ae_titles(socket: &TcpStream) -> Option<(String, String)> {
+    let mut buf = [0u8; 42];
+    let peeked = async {
+        loop {
+            let n = socket.peek(&mut buf).await.ok()?;
+            if n >= 42 || n == 0 {
+                return (n >= 42 && buf[0] == 0x01).then_some(());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), peeked)
+        .await
+        .ok()??;
+    let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_string();
+    Some((text(&buf[10..26]), text(&buf[26..42])))
+}
+
+/// Reads the A-ASSOCIATE-RQ, answers A-ASSOCIATE-RJ, and lets the requestor close first
+/// (closing with unread input would reset the connection and could discard the RJ).
+async fn reject_with(
+    mut socket: TcpStream,
+    result: AssociationRJResult,
+    source: AssociationRJSource,
+) {
     let mut header = [0u8; 6];
     let read = async {
         socket.read_exact(&mut header).await?;
@@ -129,16 +164,11 @@ async fn reject(mut socket: TcpStream, reason: AssociationRJServiceProviderPrese
     {
         return;
     }
-    let pdu = Pdu::AssociationRJ(AssociationRJ {
-        result: AssociationRJResult::Transient,
-        source: AssociationRJSource::ServiceProviderPresentation(reason),
-    });
+    let pdu = Pdu::AssociationRJ(AssociationRJ { result, source });
     let mut out = Vec::new();
     if dicom_ul::pdu::write_pdu(&mut out, &pdu).is_ok() {
         let _ = socket.write_all(&out).await;
         let _ = socket.flush().await;
-        // let the requestor read the RJ and close first: closing with unread input would
-        // reset the connection and could discard the RJ
         let mut sink = [0u8; 512];
         let drain = async { while matches!(socket.read(&mut sink).await, Ok(n) if n > 0) {} };
         let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
@@ -161,11 +191,26 @@ async fn association(
     ingest: &Ingest,
     max_instance: usize,
 ) -> Result<(), dicom_ul::association::Error> {
+    let rules = AeRules {
+        check_called: settings.check_called_ae,
+        allowed: settings.allowed_calling_aes.clone(),
+    };
+    // AE title rules are checked here, so the rejection is sent like the others (dicom-ul
+    // closes right after its own RJ, which some requestors then miss)
+    if let Some((called, calling)) = peek_ae_titles(&socket).await {
+        if let Err(reason) = rules.check_access(&settings.ae_title, &calling, &called, None) {
+            tracing::warn!(calling = %calling, "association refused by AE title rules");
+            reject_with(
+                socket,
+                AssociationRJResult::Permanent,
+                AssociationRJSource::ServiceUser(reason),
+            )
+            .await;
+            return Ok(());
+        }
+    }
     let mut options = ServerAssociationOptions::new()
-        .ae_access_control(AeRules {
-            check_called: settings.check_called_ae,
-            allowed: settings.allowed_calling_aes.clone(),
-        })
+        .ae_access_control(rules)
         .ae_title(settings.ae_title.clone())
         .max_pdu_length(settings.max_pdu)
         .read_timeout(Duration::from_secs(120))
