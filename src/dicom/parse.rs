@@ -112,6 +112,16 @@ pub fn valid_uid(uid: &str) -> bool {
         })
 }
 
+/// Structural checks on Part 10 bytes starting at `DICM` (no preamble), run before any parser
+/// sees them: sequence nesting depth, and every declared length against the bytes left.
+///
+/// # Errors
+/// [`ParseError::Unreadable`] naming the first problem.
+pub fn check_structure(from_magic: &[u8]) -> Result<(), ParseError> {
+    check_nesting(from_magic)?;
+    check_lengths(from_magic.get(4..).unwrap_or_default())
+}
+
 /// Parses Part 10 bytes (with or without the 128-byte preamble).
 ///
 /// # Errors
@@ -129,8 +139,7 @@ pub fn parse_instance(bytes: &[u8]) -> Result<ParsedInstance, ParseError> {
         ));
     };
     let body = &bytes[offset..];
-    check_nesting(body)?;
-    check_lengths(body.get(4..).unwrap_or_default())?;
+    check_structure(body)?;
     // dicom-rs may panic on crafted input; that must be a refusal, not a dead task.
     let object = std::panic::catch_unwind(|| {
         OpenFileOptions::new()

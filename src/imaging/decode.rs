@@ -202,6 +202,9 @@ fn decode_dicom(bytes: &[u8], frame: u32) -> Result<DecodedImage, DecodeError> {
             "no DICM prefix: not a DICOM Part 10 file".into(),
         ));
     };
+    // the same structural checks as ingest: crafted lengths or nesting never reach the parser
+    crate::dicom::parse::check_structure(&bytes[offset..])
+        .map_err(|e| DecodeError::Dicom(e.to_string()))?;
     let obj = OpenFileOptions::new()
         .read_preamble(ReadPreamble::Never)
         .from_reader(&bytes[offset..])
@@ -259,6 +262,8 @@ pub fn raw_frame(bytes: &[u8], frame: u32) -> Result<(Vec<usize>, Vec<f32>), Dec
         } else {
             0
         };
+        crate::dicom::parse::check_structure(&bytes[offset..])
+            .map_err(|e| DecodeError::Dicom(e.to_string()))?;
         let obj = OpenFileOptions::new()
             .read_preamble(ReadPreamble::Never)
             .from_reader(&bytes[offset..])
@@ -610,6 +615,22 @@ mod tests {
         let bytes = std::fs::read(path).unwrap();
         let img = decode(&bytes, MediaType::Dicom).unwrap();
         assert_eq!(img.image.width(), 512, "decoded by Carina's RLE fallback");
+    }
+
+    #[test]
+    fn crafted_lengths_are_refused_before_parsing_on_every_decode_path() {
+        // found by cargo fuzz: this file made the parser allocate ~4 GB when decoded directly
+        // (the legacy API and `carina predict` decode without going through ingest)
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/dicom-bad/huge_len_implicit_patientname.dcm"
+        );
+        let bytes = std::fs::read(path).unwrap();
+        assert!(matches!(
+            decode(&bytes, MediaType::Dicom),
+            Err(DecodeError::Dicom(_))
+        ));
+        assert!(raw_frame(&bytes, 0).is_err());
     }
 
     #[test]
