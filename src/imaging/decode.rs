@@ -192,7 +192,10 @@ fn to_8bit(img: DynamicImage) -> DynamicImage {
     }
 }
 
-fn decode_dicom(bytes: &[u8], frame: u32) -> Result<DecodedImage, DecodeError> {
+/// Part 10 bytes (with or without preamble) → a parsed object whose pixel data dicom-pixeldata
+/// can decode. The same structural checks as ingest run first: crafted lengths or nesting never
+/// reach the parser.
+fn open_dicom(bytes: &[u8]) -> Result<DefaultDicomObject, DecodeError> {
     let offset = if bytes.get(128..132) == Some(b"DICM") {
         128
     } else if bytes.starts_with(b"DICM") {
@@ -202,14 +205,17 @@ fn decode_dicom(bytes: &[u8], frame: u32) -> Result<DecodedImage, DecodeError> {
             "no DICM prefix: not a DICOM Part 10 file".into(),
         ));
     };
-    // the same structural checks as ingest: crafted lengths or nesting never reach the parser
     crate::dicom::parse::check_structure(&bytes[offset..])
         .map_err(|e| DecodeError::Dicom(e.to_string()))?;
     let obj = OpenFileOptions::new()
         .read_preamble(ReadPreamble::Never)
         .from_reader(&bytes[offset..])
         .map_err(|e| DecodeError::Dicom(e.to_string()))?;
-    let obj = rle::native_if_fragmented(obj)?;
+    rle::native_if_fragmented(obj)
+}
+
+fn decode_dicom(bytes: &[u8], frame: u32) -> Result<DecodedImage, DecodeError> {
+    let obj = open_dicom(bytes)?;
     let meta = dicom_meta(&obj);
     let frames = obj
         .element_opt(tags::NUMBER_OF_FRAMES)
@@ -257,18 +263,7 @@ fn decode_dicom(bytes: &[u8], frame: u32) -> Result<DecodedImage, DecodeError> {
 /// [`DecodeError`] when the file or its pixel data cannot be decoded.
 pub fn raw_frame(bytes: &[u8], frame: u32) -> Result<(Vec<usize>, Vec<f32>), DecodeError> {
     std::panic::catch_unwind(|| {
-        let offset = if bytes.get(128..132) == Some(b"DICM") {
-            128
-        } else {
-            0
-        };
-        crate::dicom::parse::check_structure(&bytes[offset..])
-            .map_err(|e| DecodeError::Dicom(e.to_string()))?;
-        let obj = OpenFileOptions::new()
-            .read_preamble(ReadPreamble::Never)
-            .from_reader(&bytes[offset..])
-            .map_err(|e| DecodeError::Dicom(e.to_string()))?;
-        let obj = rle::native_if_fragmented(obj)?;
+        let obj = open_dicom(bytes)?;
         let px = obj
             .decode_pixel_data_frame(frame)
             .map_err(|e| DecodeError::Pixels(e.to_string()))?;
