@@ -514,7 +514,6 @@ async fn every_file_of_the_bad_corpus_is_refused_with_a_dicom_status_and_nothing
 
 /// Files Carina refuses to decode, each for a stated reason (README, "DICOM decoding").
 const EXPECT_REFUSED: &[&str] = &[
-    "JPGExtended",  // JPEG Extended 12-bit: jpeg-decoder has no 12-bit support
     "rtdose",       // 32-bit samples: not an image to render
     "liver_1frame", // 1-bit segmentation
 ];

@@ -211,7 +211,109 @@ fn open_dicom(bytes: &[u8]) -> Result<DefaultDicomObject, DecodeError> {
         .read_preamble(ReadPreamble::Never)
         .from_reader(&bytes[offset..])
         .map_err(|e| DecodeError::Dicom(e.to_string()))?;
-    rle::native_if_fragmented(obj)
+    let obj = rle::native_if_fragmented(obj)?;
+    native_if_jpeg12(obj)
+}
+
+/// Replaces the pixel data of `obj` with `native` little-endian samples (`bytes` per sample,
+/// `spp` interleaved samples per pixel) and marks it Explicit VR Little Endian, so that the
+/// normal decode path takes it from there.
+fn into_native(
+    mut obj: DefaultDicomObject,
+    mut native: Vec<u8>,
+    bytes: usize,
+    spp: usize,
+) -> DefaultDicomObject {
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    if native.len() % 2 == 1 {
+        native.push(0);
+    }
+    // the value type a file read gives: bytes for OB, 16-bit words for OW
+    let (vr, value) = if bytes == 2 {
+        let words: Vec<u16> = native
+            .chunks_exact(2)
+            .map(|w| u16::from_le_bytes([w[0], w[1]]))
+            .collect();
+        (VR::OW, PrimitiveValue::U16(words.into()))
+    } else {
+        (VR::OB, PrimitiveValue::from(native))
+    };
+    obj.put(DataElement::new(tags::PIXEL_DATA, vr, value));
+    if spp > 1 {
+        obj.put(DataElement::new(
+            tags::PLANAR_CONFIGURATION,
+            VR::US,
+            PrimitiveValue::from(0u16),
+        ));
+    }
+    obj.meta_mut().transfer_syntax = EXPLICIT_LE.to_string();
+    obj
+}
+
+const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
+const JPEG_EXTENDED: &str = "1.2.840.10008.1.2.4.51";
+
+/// JPEG Extended (process 2 and 4) with 12-bit samples, which jpeg-decoder cannot decode, is
+/// decoded by Carina's own sequential DCT decoder ([`super::jpeg`]) into native pixel data.
+/// 8-bit JPEG Extended streams are left to the normal path.
+fn native_if_jpeg12(obj: DefaultDicomObject) -> Result<DefaultDicomObject, DecodeError> {
+    if obj.meta().transfer_syntax().trim_end_matches('\0') != JPEG_EXTENDED {
+        return Ok(obj);
+    }
+    let int = |t| {
+        obj.element_opt(t)
+            .ok()
+            .flatten()
+            .and_then(|e| e.to_int::<usize>().ok())
+    };
+    let frames = int(tags::NUMBER_OF_FRAMES).unwrap_or(1).max(1);
+    let (rows, cols) = (
+        int(tags::ROWS).unwrap_or(0),
+        int(tags::COLUMNS).unwrap_or(0),
+    );
+    let spp = int(tags::SAMPLES_PER_PIXEL).unwrap_or(1).max(1);
+    let Some(fragments) = obj
+        .element_opt(tags::PIXEL_DATA)
+        .ok()
+        .flatten()
+        .and_then(|px| px.fragments())
+    else {
+        return Ok(obj);
+    };
+    let streams: Vec<Vec<u8>> = if fragments.len() == frames {
+        fragments.iter().map(|f| f.to_vec()).collect()
+    } else if frames == 1 {
+        vec![fragments.iter().flatten().copied().collect()]
+    } else {
+        return Err(DecodeError::Pixels(
+            "JPEG: several fragments per frame in a multi-frame image".into(),
+        ));
+    };
+    if streams
+        .first()
+        .and_then(|s| super::jpeg::precision(s))
+        .is_none_or(|p| p <= 8)
+    {
+        return Ok(obj);
+    }
+    if int(tags::BITS_ALLOCATED) != Some(16) {
+        return Err(DecodeError::Pixels(
+            "JPEG: 12-bit samples need Bits Allocated 16".into(),
+        ));
+    }
+    let mut native = Vec::with_capacity(rows * cols * spp * 2 * frames);
+    for s in &streams {
+        let f = super::jpeg::decode(s, rows * cols * spp)
+            .map_err(|e| DecodeError::Pixels(e.to_string()))?;
+        if (f.width, f.height, f.components) != (cols, rows, spp) {
+            return Err(DecodeError::Pixels(format!(
+                "JPEG frame is {}x{}x{}, the data set says {cols}x{rows}x{spp}",
+                f.width, f.height, f.components
+            )));
+        }
+        native.extend(f.samples.iter().flat_map(|v| v.to_le_bytes()));
+    }
+    Ok(into_native(obj, native, 2, spp))
 }
 
 fn decode_dicom(bytes: &[u8], frame: u32) -> Result<DecodedImage, DecodeError> {
@@ -404,14 +506,12 @@ pub fn dicom_meta(obj: &DefaultDicomObject) -> DicomMeta {
 /// and found in real files) make dicom-rs 0.10.1's RLE decoder panic. Such objects are decoded
 /// here (PS3.5 Annex G) into native pixel data, then take the normal path.
 mod rle {
-    use dicom_core::{DataElement, PrimitiveValue, VR};
     use dicom_dictionary_std::tags;
     use dicom_object::DefaultDicomObject;
 
     use super::DecodeError;
 
     const RLE: &str = "1.2.840.10008.1.2.5";
-    const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
 
     fn bad(why: &str) -> DecodeError {
         DecodeError::Pixels(format!("RLE data: {why}"))
@@ -489,7 +589,7 @@ mod rle {
     /// Returns `obj` unchanged unless it is single-frame RLE with several fragments, which is
     /// decoded into a native Explicit VR Little Endian object.
     pub(super) fn native_if_fragmented(
-        mut obj: DefaultDicomObject,
+        obj: DefaultDicomObject,
     ) -> Result<DefaultDicomObject, DecodeError> {
         if obj.meta().transfer_syntax().trim_end_matches('\0') != RLE {
             return Ok(obj);
@@ -520,30 +620,8 @@ mod rle {
         );
         let spp = int(tags::SAMPLES_PER_PIXEL).unwrap_or(1).max(1);
         let bytes = int(tags::BITS_ALLOCATED).unwrap_or(8).div_ceil(8).max(1);
-        let mut native = frame(&joined, rows * cols, spp, bytes)?;
-        if native.len() % 2 == 1 {
-            native.push(0);
-        }
-        // the value type a file read gives: bytes for OB, 16-bit words for OW
-        let (vr, value) = if bytes == 2 {
-            let words: Vec<u16> = native
-                .chunks_exact(2)
-                .map(|w| u16::from_le_bytes([w[0], w[1]]))
-                .collect();
-            (VR::OW, PrimitiveValue::U16(words.into()))
-        } else {
-            (VR::OB, PrimitiveValue::from(native))
-        };
-        obj.put(DataElement::new(tags::PIXEL_DATA, vr, value));
-        if spp > 1 {
-            obj.put(DataElement::new(
-                tags::PLANAR_CONFIGURATION,
-                VR::US,
-                PrimitiveValue::from(0u16),
-            ));
-        }
-        obj.meta_mut().transfer_syntax = EXPLICIT_LE.to_string();
-        Ok(obj)
+        let native = frame(&joined, rows * cols, spp, bytes)?;
+        Ok(super::into_native(obj, native, bytes, spp))
     }
 
     #[cfg(test)]

@@ -2,5 +2,6 @@
 //! attributes that later stages need (UIDs for FHIR references). Knows nothing of models.
 
 pub mod decode;
+pub mod jpeg;
 
 pub use decode::{decode, decode_frame, DecodeError, DecodedImage, DicomMeta, MediaType};
