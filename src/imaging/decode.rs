@@ -301,10 +301,12 @@ fn native_if_jpeg12(obj: DefaultDicomObject) -> Result<DefaultDicomObject, Decod
             "JPEG: 12-bit samples need Bits Allocated 16".into(),
         ));
     }
-    let mut native = Vec::with_capacity(rows * cols * spp * 2 * frames);
+    let mut native = Vec::new();
     for s in &streams {
-        let f = super::jpeg::decode(s, rows * cols * spp)
-            .map_err(|e| DecodeError::Pixels(e.to_string()))?;
+        // an all-zero 8x8 block codes in a few bits: more than 512 samples per byte of data
+        // cannot be real, and is refused before anything is allocated
+        let max = (rows * cols * spp).min(s.len().saturating_mul(512));
+        let f = super::jpeg::decode(s, max).map_err(|e| DecodeError::Pixels(e.to_string()))?;
         if (f.width, f.height, f.components) != (cols, rows, spp) {
             return Err(DecodeError::Pixels(format!(
                 "JPEG frame is {}x{}x{}, the data set says {cols}x{rows}x{spp}",
@@ -562,6 +564,11 @@ mod rle {
             ]) as usize
         };
         let count = word(0);
+        // a PackBits repeat run turns 2 bytes into at most 128: anything declaring more than
+        // 64x the data is refused before allocating it
+        if pixels.saturating_mul(spp * bytes) > data.len().saturating_mul(64) {
+            return Err(bad("the image is larger than the RLE data can hold"));
+        }
         if count != spp * bytes || count > 15 {
             return Err(bad("segment count does not match the image"));
         }
@@ -586,8 +593,10 @@ mod rle {
         Ok(out)
     }
 
-    /// Returns `obj` unchanged unless it is single-frame RLE with several fragments, which is
-    /// decoded into a native Explicit VR Little Endian object.
+    /// Decodes RLE Lossless pixel data (every frame; a frame may span several fragments when
+    /// the image has one frame) into a native Explicit VR Little Endian object. dicom-rs
+    /// 0.10.1's RLE decoder panics on fragmented frames and on some malformed segments (found
+    /// by cargo fuzz), so Carina's own bounds-checked decoder does all RLE.
     pub(super) fn native_if_fragmented(
         obj: DefaultDicomObject,
     ) -> Result<DefaultDicomObject, DecodeError> {
@@ -600,27 +609,30 @@ mod rle {
                 .flatten()
                 .and_then(|e| e.to_int::<usize>().ok())
         };
-        let frames = int(tags::NUMBER_OF_FRAMES).unwrap_or(1);
+        let frames = int(tags::NUMBER_OF_FRAMES).unwrap_or(1).max(1);
         let Ok(Some(px)) = obj.element_opt(tags::PIXEL_DATA) else {
             return Ok(obj);
         };
         let Some(fragments) = px.fragments() else {
             return Ok(obj);
         };
-        if fragments.len() <= frames {
-            return Ok(obj);
-        }
-        if frames != 1 {
+        let streams: Vec<Vec<u8>> = if fragments.len() == frames {
+            fragments.iter().map(|f| f.to_vec()).collect()
+        } else if frames == 1 {
+            vec![fragments.iter().flatten().copied().collect()]
+        } else {
             return Err(bad("several fragments per frame in a multi-frame image"));
-        }
-        let joined: Vec<u8> = fragments.iter().flatten().copied().collect();
+        };
         let (rows, cols) = (
             int(tags::ROWS).unwrap_or(0),
             int(tags::COLUMNS).unwrap_or(0),
         );
         let spp = int(tags::SAMPLES_PER_PIXEL).unwrap_or(1).max(1);
         let bytes = int(tags::BITS_ALLOCATED).unwrap_or(8).div_ceil(8).max(1);
-        let native = frame(&joined, rows * cols, spp, bytes)?;
+        let mut native = Vec::new();
+        for f in &streams {
+            native.extend(frame(f, rows * cols, spp, bytes)?);
+        }
         Ok(super::into_native(obj, native, bytes, spp))
     }
 
@@ -704,6 +716,21 @@ mod tests {
             Err(DecodeError::Dicom(_))
         ));
         assert!(raw_frame(&bytes, 0).is_err());
+    }
+
+    #[test]
+    fn fuzz_findings_are_clear_errors() {
+        // cargo fuzz: a mutated RLE sample made dicom-rs's RLE decoder index past a segment
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/fuzz/rle_segment_past_end.dcm"
+        );
+        let bytes = std::fs::read(path).unwrap();
+        // the message is Carina's own RLE decoder's, not the caught panic's
+        match decode(&bytes, MediaType::Dicom) {
+            Err(DecodeError::Pixels(m)) => assert!(m.contains("RLE data"), "{m}"),
+            other => panic!("expected an RLE error, got {:?}", other.map(|_| ())),
+        }
     }
 
     #[test]
