@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Writes Carina's FHIR R4 conformance resources and examples (standard library only):
 
-  fhir-profiles/StructureDefinition-<Name>.json     5 profiles (derivation constraint, differential)
+  fhir-profiles/StructureDefinition-<Name>.json     6 profiles (derivation constraint, differential)
   fhir-profiles/ValueSet-carina-finding-labels.json the SNOMED CT labels Carina reports
   fhir-profiles/examples/<Type>-carina-example.json one example instance per profile
-  fhir-profiles/examples/Bundle-carina-example.json all of them in a collection Bundle (urn:uuid:)
+  fhir-profiles/examples/Bundle-carina-example.json the image-analysis ones in a collection Bundle
+                                                    (urn:uuid:); the RiskAssessment stands alone
 
     python3 fhir-profiles/generate.py
 
@@ -40,6 +41,9 @@ IMAGING = {
 }
 CHEST_XR = {"system": LOINC, "code": "30745-4", "display": "XR Chest Views"}
 MEDIA_IMAGE = {"system": "http://terminology.hl7.org/CodeSystem/media-type", "code": "image", "display": "Image"}
+RISK_PROBABILITY = "http://terminology.hl7.org/CodeSystem/risk-probability"
+VS_RISK_PROBABILITY = "http://hl7.org/fhir/ValueSet/risk-probability"
+MODELS = f"{BASE}/CodeSystem/models"
 AUTHOR = {
     "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
     "code": "author",
@@ -232,26 +236,58 @@ def profiles():
             el("Device.note", min=1, short=f"Includes '{DISCLAIMER}'"),
         ],
     )
+    risk = structure_definition(
+        "CarinaRiskAssessment",
+        "Carina AI risk RiskAssessment",
+        "RiskAssessment",
+        "The risk (probability 0..1 and qualitative risk) that Carina's tabular AI model gives one "
+        "outcome for one patient, from lab Observations (and age). "
+        "AI-asserted (meta.security AIAST); a demo, not for clinical use.",
+        security_slice("RiskAssessment")
+        + [
+            el("RiskAssessment.status", fixedCode="final"),
+            el("RiskAssessment.method", min=1,
+               short="The model: name (code) and version (display, text)"),
+            el("RiskAssessment.subject", type=ref_type(core("Patient")),
+               short="The patient (1..1 in the base resource)"),
+            el("RiskAssessment.occurrence[x]", min=1, type=[{"code": "dateTime"}],
+               short="When Carina computed the risk"),
+            el("RiskAssessment.performer", min=1, type=ref_type(f"{SD}/CarinaModelDevice"),
+               short="The AI model that computed the risk"),
+            el("RiskAssessment.basis", type=ref_type(core("Observation")),
+               short="The lab Observations used as inputs"),
+            el("RiskAssessment.prediction", min=1, max=1),
+            el("RiskAssessment.prediction.outcome", min=1, short="The predicted outcome"),
+            el("RiskAssessment.prediction.probability[x]", min=1, type=[{"code": "decimal"}],
+               minValueDecimal=0, maxValueDecimal=1, short="Probability of the outcome, 0..1"),
+            el("RiskAssessment.prediction.qualitativeRisk", min=1,
+               short="low, moderate or high (thresholds on the probability)",
+               binding={"strength": "required", "valueSet": VS_RISK_PROBABILITY}),
+            el("RiskAssessment.note", min=1,
+               short=f"Includes the inputs, the backend and the disclaimer ({DISCLAIMER})"),
+        ],
+    )
     prov = structure_definition(
         "CarinaAIProvenance",
         "Carina AI Provenance",
         "Provenance",
-        "Records that Carina's AI model (a Device) authored a Carina report and its results, when, "
-        "and from which input study.",
+        "Records that Carina's AI model (a Device) authored a Carina report and its results, or a "
+        "Carina risk assessment, when, and from which input study or lab Observations.",
         [
             el("Provenance.target", min=1,
                type=ref_type(f"{SD}/CarinaAIDiagnosticReport", f"{SD}/CarinaAIProbabilityObservation",
-                             f"{SD}/CarinaHeatmapMedia"),
-               short="The DiagnosticReport (and, optionally, its Observations and Media)"),
+                             f"{SD}/CarinaHeatmapMedia", f"{SD}/CarinaRiskAssessment"),
+               short="The DiagnosticReport (and, optionally, its Observations and Media), "
+                     "or the RiskAssessment"),
             el("Provenance.agent", min=1, max=1),
             el("Provenance.agent.type", min=1, patternCodeableConcept=pattern_cc(AUTHOR)),
             el("Provenance.agent.who", type=ref_type(f"{SD}/CarinaModelDevice")),
-            el("Provenance.entity", short="The input study, when known"),
+            el("Provenance.entity", short="The input study or lab Observations, when known"),
             el("Provenance.entity.role", fixedCode="source"),
-            el("Provenance.entity.what", type=ref_type(core("ImagingStudy"), core("Media"))),
+            el("Provenance.entity.what", type=ref_type(core("ImagingStudy"), core("Media"), core("Observation"))),
         ],
     )
-    return [dr, obs, media, device, prov]
+    return [dr, obs, media, device, risk, prov]
 
 
 def value_set():
@@ -291,8 +327,11 @@ STUDY_UID = "1.2.826.0.1.3680043.8.498.12345678901234567890"
 T_ACQ = "2025-01-15T09:12:00Z"
 T_RUN = "2025-01-15T10:30:00Z"
 PROBS = {"840539006": 0.07, "281900007": 0.11, "233604007": 0.82}
+T_RISK = "2025-01-15T11:00:00Z"
+RISK_MODEL, RISK_VERSION = "icu-mortality-risk", "1.0.0"
+RISK_OUTCOME = ("419099009", "In-hospital death (critical outcome)")
 
-IDS = {  # resource id -> urn:uuid used in the Bundle
+IDS = {  # resource id -> urn:uuid used in the Bundle (which holds exactly these resources)
     "Device/carina-example-model": "urn:uuid:0b3c6f4e-6a0e-4b39-9a8e-3f1d2c000001",
     "Media/carina-example-heatmap": "urn:uuid:0b3c6f4e-6a0e-4b39-9a8e-3f1d2c000002",
     "Observation/carina-example-prob-840539006": "urn:uuid:0b3c6f4e-6a0e-4b39-9a8e-3f1d2c000003",
@@ -385,7 +424,41 @@ def examples():
         }],
         "entity": [{"role": "source", "what": study_ref()}],
     }
-    return [report] + observations + [media, device, prov]
+    risk = {
+        "resourceType": "RiskAssessment",
+        "id": "carina-example-risk",
+        "meta": meta("CarinaRiskAssessment"),
+        "status": "final",
+        "method": {
+            "coding": [{"system": MODELS, "code": RISK_MODEL, "display": f"{RISK_MODEL} {RISK_VERSION}"}],
+            "text": f"{RISK_MODEL} {RISK_VERSION}",
+        },
+        "code": {"text": f"Risk of {RISK_OUTCOME[1]}"},
+        "subject": {"reference": "Patient/example"},
+        "occurrenceDateTime": T_RISK,
+        "performer": {"reference": "Device/carina-example-model", "display": f"{RISK_MODEL} {RISK_VERSION}"},
+        "basis": [{"reference": "Observation/carina-example-lab-ldh"},
+                  {"reference": "Observation/carina-example-lab-hs-crp"}],
+        "prediction": [{
+            "outcome": {
+                "coding": [{"system": SNOMED, "code": RISK_OUTCOME[0], "display": RISK_OUTCOME[1]}],
+                "text": RISK_OUTCOME[1],
+            },
+            "probabilityDecimal": 0.4321,
+            "qualitativeRisk": {
+                "coding": [{"system": RISK_PROBABILITY, "code": "moderate", "display": "Moderate likelihood"}]
+            },
+        }],
+        "note": [{"text": (
+            "Inputs: age = 69 a (from birth date); ldh = 412 U/L (observed); lymphocytes_pct = 13.05 % "
+            "(imputed); hs_crp = 61.2 mg/L (observed). Backend: local ONNX model "
+            f"{RISK_MODEL} {RISK_VERSION} (IRIS IntegratedML is not configured). "
+            "Demo model, not for clinical use."
+        )}],
+    }
+    # Not in the Bundle (that one is the image-analysis result); its Provenance would be a second
+    # Provenance example, which main() writes no file for, so there is none.
+    return [report] + observations + [media, device, risk, prov]
 
 
 def to_bundle(resources):
@@ -431,7 +504,8 @@ def main():
             continue
         seen.add(r["resourceType"])
         write(os.path.join(ex_dir, f"{r['resourceType']}-carina-example.json"), r)
-    write(os.path.join(ex_dir, "Bundle-carina-example.json"), to_bundle(resources))
+    bundled = [r for r in resources if f"{r['resourceType']}/{r['id']}" in IDS]  # not the RiskAssessment
+    write(os.path.join(ex_dir, "Bundle-carina-example.json"), to_bundle(bundled))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use crate::inference::Registry;
 use crate::ingest::Ingest;
+use crate::risk::{RiskService, RiskSettings};
+use crate::store::fhir::Stored;
 use crate::store::Store;
 
 /// What handlers can reach.
@@ -20,4 +22,113 @@ pub struct AppState {
     pub max_body: usize,
     /// Where received DICOM goes (store + analysis queue).
     pub ingest: Ingest,
+    /// ICU-risk assessment (None when no tabular model is loaded).
+    pub risk: Option<Arc<RiskService>>,
+    /// How long a FHIR request waits for the analysis it triggers before answering (the
+    /// analysis goes on after that).
+    pub sync_wait: std::time::Duration,
+}
+
+/// What stored resources triggered, for the answer.
+#[derive(Debug, Default)]
+pub struct Triggered {
+    /// `DiagnosticReport/<id>` of finished imaging analyses.
+    pub reports: Vec<String>,
+    /// Why an ImagingStudy gave no report (yet).
+    pub notes: Vec<String>,
+}
+
+impl AppState {
+    /// State with the default risk settings.
+    ///
+    /// # Errors
+    /// When the risk model's manifest is unusable.
+    pub fn new(
+        models: Arc<Registry>,
+        store: Store,
+        public_url: Option<String>,
+        max_body: usize,
+        ingest: Ingest,
+    ) -> Result<Self, String> {
+        Self::with_risk(
+            models,
+            store,
+            public_url,
+            max_body,
+            ingest,
+            &RiskSettings::default(),
+        )
+    }
+
+    /// State with explicit risk settings.
+    ///
+    /// # Errors
+    /// When the risk model's manifest is unusable or the named model is not loaded.
+    pub fn with_risk(
+        models: Arc<Registry>,
+        store: Store,
+        public_url: Option<String>,
+        max_body: usize,
+        ingest: Ingest,
+        risk: &RiskSettings,
+    ) -> Result<Self, String> {
+        let risk = RiskService::new(&models.tabular, risk)?.map(Arc::new);
+        Ok(Self {
+            models,
+            store,
+            public_url,
+            max_body,
+            ingest,
+            risk,
+            sync_wait: std::time::Duration::from_secs(60),
+        })
+    }
+
+    /// Runs what stored FHIR resources trigger: a new risk assessment for each patient whose
+    /// features changed. Failures are logged (without patient identifiers), never answered:
+    /// the resources themselves are already stored.
+    pub async fn fhir_written(&self, written: &[Stored]) -> Triggered {
+        let mut out = Triggered::default();
+        let bundle: std::collections::HashMap<String, serde_json::Value> = written
+            .iter()
+            .map(|s| (format!("{}/{}", s.resource_type, s.id), s.body.clone()))
+            .collect();
+        let bundle = Arc::new(bundle);
+        for study in written.iter().filter(|s| s.resource_type == "ImagingStudy") {
+            let (state, study, bundle) = (self.clone(), study.clone(), bundle.clone());
+            let mut job = tokio::spawn(async move {
+                crate::trigger::analyse_imaging_study(&state, &study, &bundle).await
+            });
+            match tokio::time::timeout(self.sync_wait, &mut job).await {
+                Ok(Ok(Ok(stored))) => out.reports.extend(
+                    stored
+                        .iter()
+                        .filter(|s| s.resource_type == "DiagnosticReport")
+                        .map(|s| format!("DiagnosticReport/{}", s.id)),
+                ),
+                Ok(Ok(Err(why))) => {
+                    tracing::info!("ImagingStudy without analysis: {why}");
+                    out.notes.push(why);
+                }
+                Ok(Err(e)) => out.notes.push(format!("analysis task failed: {e}")),
+                Err(_) => out.notes.push(format!(
+                    "analysis still running after {} s; its DiagnosticReport will reference the ImagingStudy",
+                    self.sync_wait.as_secs()
+                )),
+            }
+        }
+        let Some(risk) = &self.risk else { return out };
+        for patient in crate::risk::affected_patients(risk, written) {
+            match risk.assess_patient(&self.store, &patient, true).await {
+                Ok(Some(w)) => {
+                    if let Some(ra) = w.iter().find(|s| s.resource_type == "RiskAssessment") {
+                        tracing::info!(risk_assessment = %ra.id, "risk assessed");
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::info!("no risk assessment: {e}"),
+            }
+        }
+        out
+    }
 }

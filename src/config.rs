@@ -36,6 +36,8 @@ pub struct Settings {
     pub public_url: Option<String>,
     /// The DICOM node (`[dicom]`).
     pub dicom: DicomSettings,
+    /// ICU-risk assessment (`[risk]`).
+    pub risk: crate::risk::RiskSettings,
 }
 
 /// `[dicom]`: DIMSE service, storage limits and routing.
@@ -97,6 +99,7 @@ impl Default for Settings {
             max_body_mb: 64,
             public_url: None,
             dicom: DicomSettings::default(),
+            risk: crate::risk::RiskSettings::default(),
         }
     }
 }

@@ -10,7 +10,10 @@
 //! - [`imaging`]: PNG/JPEG/DICOM bytes → 8-bit images.
 //! - [`inference`]: model manifests, ONNX Runtime sessions and batching, preprocessing, Grad-CAM.
 //! - [`render`]: overlay PNGs and `.npy` dumps.
-//! - [`report`]: FHIR R4 resources (fhirbolt).
+//! - [`report`]: FHIR R4 resources of an image analysis (fhirbolt).
+//! - [`fhir`]: the FHIR R4 server: validation, REST interactions, Bundles, search, capability.
+//! - [`risk`]: lab Observations → features → ICU-risk prediction → RiskAssessment.
+//! - [`trigger`]: what a stored ImagingStudy starts: finding its pixels, analysing them.
 //! - [`store`]: SQL (sqlx) and blob files.
 
 pub mod api;
@@ -18,10 +21,13 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod dicom;
+pub mod fhir;
 pub mod imaging;
 pub mod inference;
 pub mod ingest;
 pub mod pipeline;
 pub mod render;
 pub mod report;
+pub mod risk;
 pub mod store;
+pub mod trigger;

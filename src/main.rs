@@ -65,13 +65,15 @@ fn serve(common: &Common) -> anyhow::Result<()> {
             settings.public_url.clone(),
         )
         .with_exporter(exporter.clone());
-        let state = AppState {
+        let state = AppState::with_risk(
             models,
             store,
-            public_url: settings.public_url.clone(),
-            max_body: settings.max_body_bytes(),
-            ingest: ingest.clone(),
-        };
+            settings.public_url.clone(),
+            settings.max_body_bytes(),
+            ingest.clone(),
+            &settings.risk,
+        )
+        .map_err(anyhow::Error::msg)?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = |rx: tokio::sync::watch::Receiver<bool>| async move {
             let mut rx = rx;

@@ -10,39 +10,12 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use common::{fixtures, npy, root};
+use common::{fixtures, npy, root, validate_fhir as validate};
 
 fn carina() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_carina"));
     c.current_dir(root()).env("RUST_LOG", "warn");
     c
-}
-
-fn validate(files: &[&Path]) {
-    let node = Command::new("node")
-        .arg("tests/fhir/validate.mjs")
-        .args(files)
-        .current_dir(root())
-        .output();
-    let node = node.expect("node runs (scripts/setup.sh --test installs the validator)");
-    assert!(
-        node.status.success(),
-        "R4 JSON schema: {}{}",
-        String::from_utf8_lossy(&node.stdout),
-        String::from_utf8_lossy(&node.stderr)
-    );
-    let py = Command::new(root().join(".venv/bin/python"))
-        .arg("tests/fhir/validate_fhir_resources.py")
-        .args(files)
-        .current_dir(root())
-        .output();
-    let py = py.expect(".venv exists (scripts/setup.sh --test)");
-    assert!(
-        py.status.success(),
-        "fhir.resources: {}{}",
-        String::from_utf8_lossy(&py.stdout),
-        String::from_utf8_lossy(&py.stderr)
-    );
 }
 
 #[test]

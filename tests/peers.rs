@@ -43,13 +43,7 @@ async fn node(destinations: Vec<Destination>) -> Node {
     let exporter = Exporter::new(store.clone(), destinations, "CARINA".into());
     let ingest = Ingest::new(store.clone(), models.clone(), Vec::new(), 0, None)
         .with_exporter(exporter.clone());
-    let state = carina::app::AppState {
-        models,
-        store,
-        public_url: None,
-        max_body: 64 << 20,
-        ingest: ingest.clone(),
-    };
+    let state = carina::app::AppState::new(models, store, None, 64 << 20, ingest.clone()).unwrap();
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let dimse_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (http_addr, dimse_addr) = (http.local_addr().unwrap(), dimse_l.local_addr().unwrap());
@@ -390,4 +384,130 @@ async fn orthanc_sends_studies_to_carina_and_receives_its_results() {
     assert!(in_pacs.contains(&original.sop_instance_uid));
     let in_web = orthanc_sops(&web).await;
     assert_eq!(in_web, vec![sc], "WEB has the result by STOW-RS");
+}
+
+/// One HTTP/1.1 request; returns the status line's code, the headers and the body.
+async fn http_send(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/fhir+json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (code, head.to_string(), body.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imaging_study_pixels_come_from_orthanc_by_wado_rs() {
+    let n = node(Vec::new()).await;
+    let pacs = start_orthanc(free_port(), "PACS", None).await;
+    let http = pacs.http.clone();
+    let file = sample("derived_DX_covid_hannover.dcm");
+    tokio::task::spawn_blocking(move || orthanc_cli(&["upload", "--http", &http, &file]))
+        .await
+        .unwrap();
+    let http = pacs.http.clone();
+    let inst = tokio::task::spawn_blocking(move || orthanc_cli(&["instances", "--http", &http]))
+        .await
+        .unwrap()[0]
+        .clone();
+    let (study, series, sop) = (
+        inst["StudyInstanceUID"].as_str().unwrap(),
+        inst["SeriesInstanceUID"].as_str().unwrap(),
+        inst["SOPInstanceUID"].as_str().unwrap(),
+    );
+    assert!(n.ingest.store().instance(sop).await.unwrap().is_none());
+    // an EHR posts the order's ImagingStudy with the PACS's DICOMweb Endpoint
+    let bundle = serde_json::json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": "urn:uuid:00000000-0000-4000-8000-00000000e001", "request": {"method": "POST", "url": "Endpoint"},
+         "resource": {"resourceType": "Endpoint", "status": "active",
+            "connectionType": {"system": "http://terminology.hl7.org/CodeSystem/endpoint-connection-type", "code": "dicom-wado-rs"},
+            "payloadType": [{"text": "DICOM"}], "address": format!("{}/dicom-web", pacs.http)}},
+        {"fullUrl": "urn:uuid:00000000-0000-4000-8000-00000000e002", "request": {"method": "POST", "url": "Patient"},
+         "resource": {"resourceType": "Patient", "gender": "female"}},
+        {"fullUrl": "urn:uuid:00000000-0000-4000-8000-00000000e003", "request": {"method": "POST", "url": "ImagingStudy"},
+         "resource": {"resourceType": "ImagingStudy", "status": "available",
+            "identifier": [{"system": "urn:dicom:uid", "value": format!("urn:oid:{study}")}],
+            "subject": {"reference": "urn:uuid:00000000-0000-4000-8000-00000000e002"},
+            "endpoint": [{"reference": "urn:uuid:00000000-0000-4000-8000-00000000e001"}],
+            "series": [{"uid": series, "modality": {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "DX"},
+                "instance": [{"uid": sop, "sopClass": {"system": "urn:ietf:rfc:3986", "code": "urn:oid:1.2.840.10008.5.1.4.1.1.1.1"}}]}]}}
+    ]});
+    let (code, head, body) = http_send(n.http, "POST", "/fhir", &bundle.to_string()).await;
+    assert_eq!(code, 200, "{head}\n{body}");
+    let link = head
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("link:"))
+        .unwrap_or_else(|| panic!("no Link to the report: {head}"));
+    let report = link.split('<').nth(1).unwrap().split('>').next().unwrap();
+    let report_path = report
+        .split_once("/fhir/")
+        .map(|(_, p)| format!("/fhir/{p}"))
+        .unwrap();
+    // the instance came by WADO-RS and was stored like any other
+    let st = n
+        .ingest
+        .store()
+        .instance_status(sop)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(st.source, "wado");
+    // the report references the ImagingStudy and its subject, and is searchable
+    let resp: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let study_loc = resp["entry"][2]["response"]["location"].as_str().unwrap();
+    let study_ref = study_loc.split("/_history").next().unwrap();
+    let patient_ref = resp["entry"][1]["response"]["location"]
+        .as_str()
+        .unwrap()
+        .split("/_history")
+        .next()
+        .unwrap()
+        .to_string();
+    let dr: serde_json::Value =
+        serde_json::from_str(&http_get(n.http, &report_path).await).unwrap();
+    assert_eq!(dr["resourceType"], "DiagnosticReport");
+    assert_eq!(dr["imagingStudy"][0]["reference"], study_ref);
+    assert_eq!(dr["subject"]["reference"], patient_ref);
+    assert!(!dr["result"].as_array().unwrap().is_empty());
+    let found: serde_json::Value = serde_json::from_str(
+        &http_get(
+            n.http,
+            &format!("/fhir/DiagnosticReport?imaging-study={study_ref}"),
+        )
+        .await,
+    )
+    .unwrap();
+    assert_eq!(found["total"], 1);
+    let media: serde_json::Value = serde_json::from_str(
+        &http_get(n.http, &format!("/fhir/Media?subject={patient_ref}")).await,
+    )
+    .unwrap();
+    assert_eq!(media["total"], 1, "the heatmap Media is stored");
+    // an ImagingStudy whose pixels are nowhere: stored, and the answer says why no report
+    let lonely = serde_json::json!({"resourceType": "ImagingStudy", "status": "available",
+        "subject": {"display": "unknown"},
+        "identifier": [{"system": "urn:dicom:uid", "value": "urn:oid:1.2.3.4.5.6"}]});
+    let (code, head, _) =
+        http_send(n.http, "POST", "/fhir/ImagingStudy", &lonely.to_string()).await;
+    assert_eq!(code, 201);
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("x-carina-analysis: no instance"),
+        "{head}"
+    );
 }

@@ -16,6 +16,7 @@ use super::base_url;
 use super::error::{body_error, ApiError};
 use crate::app::AppState;
 use crate::dicom::json::{self, StowItem};
+use crate::dicom::media_params;
 use crate::dicom::InstanceIndex;
 use crate::imaging::{self, MediaType};
 use crate::store::{self, Source};
@@ -24,22 +25,6 @@ const DICOM_JSON: &str = "application/dicom+json";
 
 fn dicom_json(status: StatusCode, v: &Value) -> Response {
     (status, [(header::CONTENT_TYPE, DICOM_JSON)], v.to_string()).into_response()
-}
-
-/// Splits a media type into its lower-case essence and its parameters (quotes removed).
-fn media_params(v: &str) -> (String, HashMap<String, String>) {
-    let mut parts = v.split(';');
-    let essence = parts.next().unwrap_or("").trim().to_ascii_lowercase();
-    let params = parts
-        .filter_map(|p| p.split_once('='))
-        .map(|(k, v)| {
-            (
-                k.trim().to_ascii_lowercase(),
-                v.trim().trim_matches('"').to_string(),
-            )
-        })
-        .collect();
-    (essence, params)
 }
 
 /// `POST /dicomweb/studies`.

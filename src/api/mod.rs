@@ -4,6 +4,7 @@
 pub mod analyze;
 pub mod dicomweb;
 pub mod error;
+pub mod fhir;
 pub mod legacy;
 pub mod meta;
 
@@ -80,6 +81,14 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/dicomweb/series", get(dicomweb::search_series))
         .route("/dicomweb/instances", get(dicomweb::search_instances))
+        .route("/fhir", post(fhir::post_bundle))
+        .route("/fhir/metadata", get(fhir::metadata))
+        .route("/fhir/{type}", get(fhir::search).post(fhir::create))
+        .route(
+            "/fhir/{type}/{id}",
+            get(fhir::read).put(fhir::update).post(fhir::operation),
+        )
+        .route("/fhir/{type}/{id}/_history/{vid}", get(fhir::vread))
         .route("/covid19/api/v1/healthcheck", get(legacy::healthcheck))
         .route("/covid19/api/v1/predict/", post(legacy::predict))
         .route(

@@ -29,6 +29,54 @@ pub struct TabularModel {
     pub inputs: Vec<String>,
     /// The package folder.
     pub dir: PathBuf,
+    /// The session (tabular models are tiny: one, serialised).
+    session: std::sync::Mutex<ort::session::Session>,
+}
+
+impl TabularModel {
+    /// Runs the model on one feature vector (manifest order) and returns the probability of
+    /// the positive outcome.
+    ///
+    /// # Errors
+    /// [`engine::EngineError`] when the run fails or the output is not as declared.
+    pub fn predict(&self, features: &[f32]) -> Result<f32, engine::EngineError> {
+        let input = self
+            .inputs
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "input".into());
+        let output = self
+            .manifest
+            .output
+            .probability
+            .clone()
+            .or_else(|| self.manifest.output.probabilities.clone())
+            .unwrap_or_else(|| "probabilities".into());
+        let tensor = engine::FloatTensor {
+            shape: vec![1, features.len()],
+            data: features.to_vec(),
+        };
+        let mut session = self
+            .session
+            .lock()
+            .map_err(|_| engine::EngineError::Run("session lock poisoned".into()))?;
+        let mut out = engine::run_batch(
+            &mut session,
+            &input,
+            std::slice::from_ref(&output),
+            &[&tensor],
+        )?;
+        let probs = out
+            .pop()
+            .and_then(|mut m| m.remove(&output))
+            .ok_or_else(|| engine::EngineError::Run(format!("no output '{output}'")))?;
+        let k = self.manifest.output.positive_index.unwrap_or(1);
+        probs
+            .data
+            .get(k)
+            .copied()
+            .ok_or_else(|| engine::EngineError::Run(format!("output '{output}' has no index {k}")))
+    }
 }
 
 /// Every model found under the models folder.
@@ -237,5 +285,6 @@ fn load_tabular(
         provider,
         inputs,
         dir: dir.to_path_buf(),
+        session: std::sync::Mutex::new(session),
     })
 }

@@ -17,6 +17,8 @@ pub enum Source {
     Api,
     /// A result Carina made (Secondary Capture).
     Result,
+    /// Fetched by WADO-RS for an ImagingStudy.
+    Wado,
 }
 
 impl Source {
@@ -27,6 +29,7 @@ impl Source {
             Self::Dimse => "dimse",
             Self::Api => "api",
             Self::Result => "result",
+            Self::Wado => "wado",
         }
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod blob;
 pub mod exports;
+pub mod fhir;
 pub mod instances;
 
 use std::path::Path;
@@ -37,6 +38,9 @@ pub enum StoreError {
     /// Serialisation.
     #[error("serialisation: {0}")]
     Json(#[from] serde_json::Error),
+    /// A write conflicted with the current state (a stale `If-Match` version).
+    #[error("conflict: {0}")]
+    Conflict(String),
 }
 
 /// A stored analysis summary (`GET /v1/results/{id}`).

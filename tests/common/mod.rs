@@ -71,16 +71,40 @@ pub async fn app_with_ingest(
     let store = carina::store::Store::open(dir.path()).await.unwrap();
     let models = registry_async().await;
     let ingest = carina::ingest::Ingest::new(store.clone(), models.clone(), Vec::new(), 0, None);
-    let state = carina::app::AppState {
-        models,
-        store,
-        public_url: None,
-        max_body,
-        ingest: ingest.clone(),
-    };
+    let state = carina::app::AppState::new(models, store, None, max_body, ingest.clone()).unwrap();
     (carina::api::router(state), dir, ingest)
 }
 
 pub fn sample(name: &str) -> Vec<u8> {
     std::fs::read(root().join(name)).unwrap()
+}
+
+/// Runs both external FHIR R4 validators (official JSON schema, fhir.resources 6.4.0) on
+/// `files` and fails the test with their report when either refuses one.
+pub fn validate_fhir(files: &[&std::path::Path]) {
+    use std::process::Command;
+    let node = Command::new("node")
+        .arg("tests/fhir/validate.mjs")
+        .args(files)
+        .current_dir(root())
+        .output();
+    let node = node.expect("node runs (scripts/setup.sh --test installs the validator)");
+    assert!(
+        node.status.success(),
+        "R4 JSON schema: {}{}",
+        String::from_utf8_lossy(&node.stdout),
+        String::from_utf8_lossy(&node.stderr)
+    );
+    let py = Command::new(root().join(".venv/bin/python"))
+        .arg("tests/fhir/validate_fhir_resources.py")
+        .args(files)
+        .current_dir(root())
+        .output();
+    let py = py.expect(".venv exists (scripts/setup.sh --test)");
+    assert!(
+        py.status.success(),
+        "fhir.resources: {}{}",
+        String::from_utf8_lossy(&py.stdout),
+        String::from_utf8_lossy(&py.stderr)
+    );
 }

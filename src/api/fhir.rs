@@ -1,0 +1,350 @@
+//! `/fhir`: FHIR R4 REST (JSON). Handlers read headers and bodies, call [`crate::fhir`] and map
+//! the answer: `Location`, `ETag`, `Last-Modified`, `Prefer: return=…`, and every error as an
+//! OperationOutcome with its status.
+
+use std::collections::HashMap;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Path, Query, RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+
+use super::base_url;
+use super::error::{body_error, ApiError};
+use crate::app::AppState;
+use crate::fhir::{bundle, capability, rest, FhirError};
+use crate::store::fhir::Stored;
+
+const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
+
+impl From<FhirError> for ApiError {
+    fn from(e: FhirError) -> Self {
+        match e {
+            FhirError::Store(s) => ApiError::internal(s),
+            other => ApiError::new(
+                StatusCode::from_u16(other.status()).unwrap_or(StatusCode::BAD_REQUEST),
+                other.code(),
+                other.to_string(),
+            ),
+        }
+    }
+}
+
+/// What `Prefer: return=` asks for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Return {
+    Minimal,
+    Representation,
+    Outcome,
+}
+
+fn prefer(headers: &HeaderMap) -> (Return, bool) {
+    let mut ret = Return::Representation;
+    let mut strict = false;
+    for v in headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+    {
+        for part in v.split(',').map(str::trim) {
+            match part.replace(' ', "").as_str() {
+                "return=minimal" => ret = Return::Minimal,
+                "return=representation" => ret = Return::Representation,
+                "return=OperationOutcome" => ret = Return::Outcome,
+                "handling=strict" => strict = true,
+                _ => {}
+            }
+        }
+    }
+    (ret, strict)
+}
+
+fn fhir_base(state: &AppState, headers: &HeaderMap) -> String {
+    format!("{}/fhir", base_url(state, headers))
+}
+
+/// A JSON response with the FHIR media type.
+pub fn fhir_json(status: StatusCode, body: &Value) -> Response {
+    let mut r = (status, body.to_string()).into_response();
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    r
+}
+
+/// Reads a JSON body: size limit (413), media type (415), syntax (400).
+fn json_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Value, ApiError> {
+    let body = body.map_err(|e| body_error(e.status(), e.body_text(), state.max_body))?;
+    if let Some(ct) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    {
+        let essence = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if !matches!(
+            essence.as_str(),
+            "application/fhir+json" | "application/json" | "application/json+fhir"
+        ) {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "not-supported",
+                format!("Content-Type '{ct}' is not supported; send application/fhir+json"),
+            ));
+        }
+    }
+    if body.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "required",
+            "the request body is empty",
+        ));
+    }
+    serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            format!("the body is not valid JSON: {e}"),
+        )
+    })
+}
+
+/// The answer to a create or update.
+fn written(s: &Stored, base: &str, ret: Return) -> Response {
+    let status = if s.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let mut r = match ret {
+        Return::Minimal => status.into_response(),
+        Return::Representation => fhir_json(status, &s.body),
+        Return::Outcome => fhir_json(
+            status,
+            &crate::fhir::outcome(
+                "information",
+                "informational",
+                &format!(
+                    "{} {}/{} version {}",
+                    if s.created { "created" } else { "updated" },
+                    s.resource_type,
+                    s.id,
+                    s.version
+                ),
+            ),
+        ),
+    };
+    version_headers(&mut r, s);
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "{base}/{}/{}/_history/{}",
+        s.resource_type, s.id, s.version
+    )) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
+}
+
+fn version_headers(r: &mut Response, s: &Stored) {
+    if let Ok(v) = HeaderValue::from_str(&format!("W/\"{}\"", s.version)) {
+        r.headers_mut().insert(header::ETAG, v);
+    }
+    if let Some(t) = chrono::DateTime::parse_from_rfc3339(&s.last_updated)
+        .ok()
+        .map(|t| t.to_utc().format("%a, %d %b %Y %H:%M:%S GMT").to_string())
+        .and_then(|t| HeaderValue::from_str(&t).ok())
+    {
+        r.headers_mut().insert(header::LAST_MODIFIED, t);
+    }
+}
+
+/// Links the DiagnosticReports an ImagingStudy produced (`Link: <…>; rel="related"`), and
+/// says why there is none (`X-Carina-Analysis`).
+fn trigger_headers(r: &mut Response, t: &crate::app::Triggered, base: &str) {
+    for report in &t.reports {
+        if let Ok(v) = HeaderValue::from_str(&format!("<{base}/{report}>; rel=\"related\"")) {
+            r.headers_mut().append(header::LINK, v);
+        }
+    }
+    for note in &t.notes {
+        let clean: String = note
+            .chars()
+            .map(|c| {
+                if c.is_ascii_graphic() || c == ' ' {
+                    c
+                } else {
+                    '?'
+                }
+            })
+            .take(300)
+            .collect();
+        if let Ok(v) = HeaderValue::from_str(&clean) {
+            r.headers_mut().append("x-carina-analysis", v);
+        }
+    }
+}
+
+/// `GET /fhir/metadata`.
+pub async fn metadata(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    fhir_json(
+        StatusCode::OK,
+        &capability::statement(&fhir_base(&state, &headers), env!("CARGO_PKG_VERSION")),
+    )
+}
+
+/// `POST /fhir`: transaction, batch, or a Bundle to store.
+pub async fn post_bundle(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let value = json_body(&state, &headers, body)?;
+    let (ret, _) = prefer(&headers);
+    let base = fhir_base(&state, &headers);
+    let result = bundle::post(&state.store, value, &base, ret == Return::Representation).await?;
+    let triggered = state.fhir_written(&result.written).await;
+    let status = StatusCode::from_u16(result.status).unwrap_or(StatusCode::OK);
+    let mut r = if status == StatusCode::CREATED && ret == Return::Minimal {
+        status.into_response()
+    } else {
+        fhir_json(status, &result.body)
+    };
+    if let Some(l) = result.location.and_then(|l| HeaderValue::from_str(&l).ok()) {
+        r.headers_mut().insert(header::LOCATION, l);
+    }
+    trigger_headers(&mut r, &triggered, &base);
+    Ok(r)
+}
+
+/// `POST /fhir/{type}`: create.
+pub async fn create(
+    State(state): State<AppState>,
+    Path(resource_type): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    rest::known_type(&resource_type)?;
+    let value = json_body(&state, &headers, body)?;
+    let (ret, _) = prefer(&headers);
+    let base = fhir_base(&state, &headers);
+    let stored = if resource_type == "Bundle" {
+        // a Bundle POSTed to /fhir/Bundle is stored as it is, whatever its type
+        rest::create(&state.store, "Bundle", value).await?
+    } else {
+        rest::create(&state.store, &resource_type, value).await?
+    };
+    let triggered = state.fhir_written(std::slice::from_ref(&stored)).await;
+    let mut r = written(&stored, &base, ret);
+    trigger_headers(&mut r, &triggered, &base);
+    Ok(r)
+}
+
+/// `PUT /fhir/{type}/{id}`: update (or create with this id).
+pub async fn update(
+    State(state): State<AppState>,
+    Path((resource_type, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    rest::known_type(&resource_type)?;
+    let value = json_body(&state, &headers, body)?;
+    let (ret, _) = prefer(&headers);
+    let if_match = match headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok()) {
+        None => None,
+        Some(v) => Some(
+            v.trim_start_matches("W/")
+                .trim_matches('"')
+                .parse::<i64>()
+                .map_err(|_| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid",
+                        format!("If-Match '{v}' is not a version ETag like W/\"3\""),
+                    )
+                })?,
+        ),
+    };
+    let base = fhir_base(&state, &headers);
+    let stored = rest::update(&state.store, &resource_type, &id, value, if_match).await?;
+    let triggered = state.fhir_written(std::slice::from_ref(&stored)).await;
+    let mut r = written(&stored, &base, ret);
+    trigger_headers(&mut r, &triggered, &base);
+    Ok(r)
+}
+
+/// `GET /fhir/{type}/{id}`: read.
+pub async fn read(
+    State(state): State<AppState>,
+    Path((resource_type, id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let s = rest::read(&state.store, &resource_type, &id, None).await?;
+    let mut r = fhir_json(StatusCode::OK, &s.body);
+    version_headers(&mut r, &s);
+    Ok(r)
+}
+
+/// `GET /fhir/{type}/{id}/_history/{vid}`: vread.
+pub async fn vread(
+    State(state): State<AppState>,
+    Path((resource_type, id, vid)): Path<(String, String, String)>,
+) -> Result<Response, ApiError> {
+    let s = rest::read(&state.store, &resource_type, &id, Some(&vid)).await?;
+    let mut r = fhir_json(StatusCode::OK, &s.body);
+    version_headers(&mut r, &s);
+    Ok(r)
+}
+
+/// `GET /fhir/{type}?…`: search.
+pub async fn search(
+    State(state): State<AppState>,
+    Path(resource_type): Path<String>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let pairs: Vec<(String, String)> = raw
+        .as_deref()
+        .map(|q| {
+            form_urlencoded::parse(q.as_bytes())
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let (_, strict) = prefer(&headers);
+    let base = fhir_base(&state, &headers);
+    let bundle = rest::search(&state.store, &resource_type, &pairs, strict, &base).await?;
+    Ok(fhir_json(StatusCode::OK, &bundle))
+}
+
+/// `POST /fhir/{type}/{id}`: only `$operations` (`RiskAssessment/$predict`).
+pub async fn operation(
+    State(state): State<AppState>,
+    Path((resource_type, op)): Path<(String, String)>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let _ = query;
+    rest::known_type(&resource_type)?;
+    if resource_type == "RiskAssessment" && op == "$predict" {
+        let value = json_body(&state, &headers, body)?;
+        let base = fhir_base(&state, &headers);
+        let out = crate::risk::predict_operation(&state, value, &base).await?;
+        return Ok(fhir_json(StatusCode::OK, &out));
+    }
+    Err(FhirError::NotSupported(format!(
+        "POST {resource_type}/{op}: not an operation this server implements (see /fhir/metadata)"
+    ))
+    .into())
+}
+
+/// Any other `/fhir` path: 404 OperationOutcome.
+pub async fn not_found() -> ApiError {
+    ApiError::not_found("no such FHIR endpoint; see /fhir/metadata")
+}

@@ -1,0 +1,89 @@
+//! The FHIR R4 server side: validating incoming resources, the REST interactions (create,
+//! update, read, vread, search), Bundles (transaction, batch, and stored bundles), and the
+//! CapabilityStatement that describes exactly these. HTTP lives in [`crate::api::fhir`]; SQL in
+//! [`crate::store::fhir`].
+
+pub mod bundle;
+pub mod capability;
+pub mod index;
+pub mod rest;
+pub mod search;
+pub mod types;
+pub mod validate;
+
+use crate::store::StoreError;
+
+/// Why a FHIR interaction failed; each maps to one HTTP status and OperationOutcome code.
+#[derive(Debug, thiserror::Error)]
+pub enum FhirError {
+    /// Malformed request or resource (400, `invalid`).
+    #[error("{0}")]
+    Invalid(String),
+    /// Unknown resource type in the URL (404, `not-supported`).
+    #[error("'{0}' is not a FHIR R4 resource type this server knows")]
+    UnknownType(String),
+    /// No such resource or version (404, `not-found`).
+    #[error("{0} not found")]
+    NotFound(String),
+    /// Valid FHIR that breaks a server rule, such as a reference that cannot resolve (422,
+    /// `processing`).
+    #[error("{0}")]
+    Unprocessable(String),
+    /// `If-Match` or conditional create conflicts (412, `conflict`).
+    #[error("{0}")]
+    Conflict(String),
+    /// An interaction this server does not implement (405 or 400, `not-supported`).
+    #[error("{0}")]
+    NotSupported(String),
+    /// A backend (model, IRIS) could not answer (503, `transient`).
+    #[error("{0}")]
+    Unavailable(String),
+    /// Server-side storage failure (500).
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl From<StoreError> for FhirError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict(m) => FhirError::Conflict(m),
+            other => FhirError::Store(other),
+        }
+    }
+}
+
+impl FhirError {
+    /// HTTP status.
+    pub fn status(&self) -> u16 {
+        match self {
+            FhirError::Invalid(_) => 400,
+            FhirError::UnknownType(_) | FhirError::NotFound(_) => 404,
+            FhirError::Unprocessable(_) => 422,
+            FhirError::Conflict(_) => 412,
+            FhirError::NotSupported(_) => 405,
+            FhirError::Unavailable(_) => 503,
+            FhirError::Store(_) => 500,
+        }
+    }
+
+    /// OperationOutcome issue code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            FhirError::Invalid(_) => "invalid",
+            FhirError::UnknownType(_) | FhirError::NotSupported(_) => "not-supported",
+            FhirError::NotFound(_) => "not-found",
+            FhirError::Unprocessable(_) => "processing",
+            FhirError::Conflict(_) => "conflict",
+            FhirError::Unavailable(_) => "transient",
+            FhirError::Store(_) => "exception",
+        }
+    }
+}
+
+/// An OperationOutcome with one issue.
+pub fn outcome(severity: &str, code: &str, diagnostics: &str) -> serde_json::Value {
+    serde_json::json!({
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": severity, "code": code, "diagnostics": diagnostics}]
+    })
+}

@@ -1,0 +1,373 @@
+//! FHIR resources: versioned rows in `fhir_resources` and their search index in `fhir_index`.
+//! Writes of one request (a create, an update, a whole transaction Bundle) commit in one
+//! database transaction.
+
+use serde_json::Value;
+use sqlx::{QueryBuilder, Row, Sqlite};
+
+use super::{Store, StoreError};
+use crate::fhir::index::{self, Entry};
+use crate::fhir::search::{Cond, Prefix, SearchQuery};
+
+/// What to write.
+#[derive(Debug, Clone)]
+pub struct Write {
+    /// Resource type.
+    pub resource_type: String,
+    /// Id (server-assigned for creates).
+    pub id: String,
+    /// The resource; `id` and `meta.versionId`/`meta.lastUpdated` are set by the store.
+    pub body: Value,
+    /// `If-Match` version, when the client gave one.
+    pub if_match: Option<i64>,
+}
+
+/// A stored version.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    /// Resource type.
+    pub resource_type: String,
+    /// Id.
+    pub id: String,
+    /// Version.
+    pub version: i64,
+    /// `meta.lastUpdated`.
+    pub last_updated: String,
+    /// Whether this write created the resource (version 1).
+    pub created: bool,
+    /// The resource with its id and meta.
+    pub body: Value,
+}
+
+impl Store {
+    /// Writes every resource of `writes` in one transaction: a new version of each, with its
+    /// search index. Nothing is written when one fails.
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`] when an `If-Match` version is not the current one;
+    /// [`StoreError::Db`] otherwise.
+    pub async fn fhir_write(&self, writes: Vec<Write>) -> Result<Vec<Stored>, StoreError> {
+        let now = index::instant(chrono::Utc::now());
+        let mut tx = self.pool.begin().await?;
+        let mut out = Vec::with_capacity(writes.len());
+        for mut w in writes {
+            let current: Option<i64> = sqlx::query_scalar(
+                "SELECT version_id FROM fhir_resources WHERE resource_type = ? AND id = ? AND is_current = 1",
+            )
+            .bind(&w.resource_type)
+            .bind(&w.id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(want) = w.if_match {
+                if current != Some(want) {
+                    return Err(StoreError::Conflict(format!(
+                        "{}/{}: If-Match version {want} is not the current version ({})",
+                        w.resource_type,
+                        w.id,
+                        current.map_or("none".into(), |v| v.to_string())
+                    )));
+                }
+            }
+            let version = current.unwrap_or(0) + 1;
+            if let Some(obj) = w.body.as_object_mut() {
+                obj.insert("id".into(), Value::String(w.id.clone()));
+                let meta = obj
+                    .entry("meta")
+                    .or_insert_with(|| Value::Object(Default::default()));
+                if let Some(m) = meta.as_object_mut() {
+                    m.insert("versionId".into(), Value::String(version.to_string()));
+                    m.insert("lastUpdated".into(), Value::String(now.clone()));
+                }
+            }
+            sqlx::query(
+                "UPDATE fhir_resources SET is_current = 0 WHERE resource_type = ? AND id = ? AND is_current = 1",
+            )
+            .bind(&w.resource_type)
+            .bind(&w.id)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO fhir_resources (resource_type, id, version_id, last_updated, is_current, body) \
+                 VALUES (?, ?, ?, ?, 1, ?)",
+            )
+            .bind(&w.resource_type)
+            .bind(&w.id)
+            .bind(version)
+            .bind(&now)
+            .bind(serde_json::to_string(&w.body)?)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("DELETE FROM fhir_index WHERE resource_type = ? AND id = ?")
+                .bind(&w.resource_type)
+                .bind(&w.id)
+                .execute(&mut *tx)
+                .await?;
+            for Entry {
+                param,
+                system,
+                value,
+                value_hi,
+            } in index::extract(&w.resource_type, &w.body)
+            {
+                sqlx::query(
+                    "INSERT INTO fhir_index (resource_type, id, param, system, value, value_hi) VALUES (?, ?, ?, ?, ?, ?)",
+                )
+                .bind(&w.resource_type)
+                .bind(&w.id)
+                .bind(param)
+                .bind(system)
+                .bind(value)
+                .bind(value_hi)
+                .execute(&mut *tx)
+                .await?;
+            }
+            out.push(Stored {
+                resource_type: w.resource_type,
+                id: w.id,
+                version,
+                last_updated: now.clone(),
+                created: current.is_none(),
+                body: w.body,
+            });
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// The current version of a resource, or version `version`.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] or a stored body that no longer parses.
+    pub async fn fhir_read(
+        &self,
+        resource_type: &str,
+        id: &str,
+        version: Option<i64>,
+    ) -> Result<Option<Stored>, StoreError> {
+        let row = match version {
+            None => sqlx::query(
+                "SELECT version_id, last_updated, body FROM fhir_resources WHERE resource_type = ? AND id = ? AND is_current = 1",
+            )
+            .bind(resource_type)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?,
+            Some(v) => sqlx::query(
+                "SELECT version_id, last_updated, body FROM fhir_resources WHERE resource_type = ? AND id = ? AND version_id = ?",
+            )
+            .bind(resource_type)
+            .bind(id)
+            .bind(v)
+            .fetch_optional(&self.pool)
+            .await?,
+        };
+        let Some(r) = row else { return Ok(None) };
+        let body: String = r.try_get("body")?;
+        let version: i64 = r.try_get("version_id")?;
+        Ok(Some(Stored {
+            resource_type: resource_type.to_string(),
+            id: id.to_string(),
+            version,
+            last_updated: r.try_get("last_updated")?,
+            created: version == 1,
+            body: serde_json::from_str(&body)?,
+        }))
+    }
+
+    /// Runs a search: the total number of matches and one page of them, newest first.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub async fn fhir_search(
+        &self,
+        resource_type: &str,
+        q: &SearchQuery,
+    ) -> Result<(i64, Vec<Stored>), StoreError> {
+        let mut count = QueryBuilder::<Sqlite>::new(
+            "SELECT COUNT(*) FROM fhir_resources r WHERE r.is_current = 1 AND r.resource_type = ",
+        );
+        count.push_bind(resource_type.to_string());
+        push_where(&mut count, q);
+        let total: i64 = count.build_query_scalar().fetch_one(&self.pool).await?;
+        let mut page = QueryBuilder::<Sqlite>::new(
+            "SELECT r.id, r.version_id, r.last_updated, r.body FROM fhir_resources r \
+             WHERE r.is_current = 1 AND r.resource_type = ",
+        );
+        page.push_bind(resource_type.to_string());
+        push_where(&mut page, q);
+        page.push(" ORDER BY r.last_updated DESC, r.id LIMIT ");
+        page.push_bind(i64::from(q.count));
+        page.push(" OFFSET ");
+        page.push_bind(i64::from(q.offset));
+        let rows = page.build().fetch_all(&self.pool).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let body: String = r.try_get("body")?;
+            let version: i64 = r.try_get("version_id")?;
+            out.push(Stored {
+                resource_type: resource_type.to_string(),
+                id: r.try_get("id")?,
+                version,
+                last_updated: r.try_get("last_updated")?,
+                created: version == 1,
+                body: serde_json::from_str(&body)?,
+            });
+        }
+        Ok((total, out))
+    }
+
+    /// The feature key of `patient`'s latest risk assessment.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub async fn risk_state(&self, patient: &str) -> Result<Option<String>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT features FROM risk_state WHERE patient = ?")
+                .bind(patient)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Records the feature key of `patient`'s latest risk assessment.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub async fn set_risk_state(&self, patient: &str, features: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO risk_state (patient, features, updated) VALUES (?, ?, ?) \
+             ON CONFLICT (patient) DO UPDATE SET features = excluded.features, updated = excluded.updated",
+        )
+        .bind(patient)
+        .bind(features)
+        .bind(index::instant(chrono::Utc::now()))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}
+
+/// Appends ` AND (…)` for each clause of `q`.
+fn push_where(b: &mut QueryBuilder<Sqlite>, q: &SearchQuery) {
+    for clause in &q.clauses {
+        b.push(" AND (");
+        for (i, cond) in clause.iter().enumerate() {
+            if i > 0 {
+                b.push(" OR ");
+            }
+            push_cond(b, cond);
+        }
+        b.push(")");
+    }
+}
+
+fn push_cond(b: &mut QueryBuilder<Sqlite>, cond: &Cond) {
+    let exists = |b: &mut QueryBuilder<Sqlite>, param: &str| {
+        b.push(
+            "EXISTS (SELECT 1 FROM fhir_index i WHERE i.resource_type = r.resource_type \
+             AND i.id = r.id AND i.param = ",
+        );
+        b.push_bind(param.to_string());
+    };
+    match cond {
+        Cond::Id(id) => {
+            b.push("r.id = ");
+            b.push_bind(id.clone());
+        }
+        Cond::LastUpdated(prefix, lo, hi) => {
+            // a lastUpdated instant t is the range [t, t]: compare as start = end = t
+            push_range(b, "r.last_updated", "r.last_updated", *prefix, lo, hi, true);
+        }
+        Cond::Token {
+            param,
+            system,
+            code,
+        } => {
+            exists(b, param);
+            match system {
+                Some(Some(s)) => {
+                    b.push(" AND i.system = ");
+                    b.push_bind(s.clone());
+                }
+                Some(None) => {
+                    b.push(" AND i.system IS NULL");
+                }
+                None => {}
+            }
+            if let Some(c) = code {
+                b.push(" AND i.value = ");
+                b.push_bind(c.clone());
+            }
+            b.push(")");
+        }
+        Cond::Reference { param, value } => {
+            exists(b, param);
+            b.push(" AND i.value = ");
+            b.push_bind(value.clone());
+            b.push(")");
+        }
+        Cond::Date {
+            param,
+            prefix,
+            lo,
+            hi,
+        } => {
+            exists(b, param);
+            b.push(" AND ");
+            push_range(b, "i.value", "i.value_hi", *prefix, lo, hi, false);
+            b.push(")");
+        }
+    }
+}
+
+/// Compares a stored range `[rlo, rhi)` with the search range `[lo, hi)` (FHIR R4 3.1.1.4.5.2).
+/// `point`: the stored value is an instant (rlo = rhi).
+fn push_range(
+    b: &mut QueryBuilder<Sqlite>,
+    rlo: &str,
+    rhi: &str,
+    prefix: Prefix,
+    lo: &str,
+    hi: &str,
+    point: bool,
+) {
+    let (lo, hi) = (lo.to_string(), hi.to_string());
+    // for a point, "ends after x" is rhi >= x rather than rhi > x
+    let gt = if point { " >= " } else { " > " };
+    match prefix {
+        Prefix::Eq | Prefix::Ne => {
+            if prefix == Prefix::Ne {
+                b.push("NOT ");
+            }
+            b.push(format!("({rlo} >= "));
+            b.push_bind(lo);
+            b.push(format!(" AND {rhi}{}", if point { " < " } else { " <= " }));
+            b.push_bind(hi);
+            b.push(")");
+        }
+        Prefix::Gt => {
+            b.push(format!("{rhi}{gt}"));
+            b.push_bind(hi);
+        }
+        Prefix::Ge => {
+            b.push(format!("{rhi}{gt}"));
+            b.push_bind(lo);
+        }
+        Prefix::Lt => {
+            b.push(format!("{rlo} < "));
+            b.push_bind(lo);
+        }
+        Prefix::Le => {
+            b.push(format!("{rlo} < "));
+            b.push_bind(hi);
+        }
+        Prefix::Sa => {
+            b.push(format!("{rlo} >= "));
+            b.push_bind(hi);
+        }
+        Prefix::Eb => {
+            b.push(format!("{rhi}{}", if point { " < " } else { " <= " }));
+            b.push_bind(lo);
+        }
+    }
+}

@@ -1,0 +1,351 @@
+//! What a stored ImagingStudy starts: finding its pixels and analysing them. Pixels come from
+//! instances Carina already holds (matched by study, series and SOP Instance UIDs), or are
+//! fetched by WADO-RS from the study's DICOMweb Endpoint and ingested like any instance. The
+//! analysis report (DiagnosticReport, Observations, heatmap Media, Device, Provenance) is
+//! stored as FHIR resources that reference the ImagingStudy, its subject and its orders.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use serde_json::{json, Value};
+
+use crate::app::AppState;
+use crate::fhir::index::normalise_reference;
+use crate::store::fhir::{Stored, Write};
+use crate::store::{Query, Source};
+
+/// The DICOM UIDs an ImagingStudy names.
+#[derive(Debug, Clone, Default)]
+pub struct StudyUids {
+    /// Study Instance UID (from `identifier` with system `urn:dicom:uid`).
+    pub study: Option<String>,
+    /// (series UID, SOP Instance UIDs) in document order.
+    pub series: Vec<(String, Vec<String>)>,
+}
+
+/// Reads the UIDs of an ImagingStudy.
+pub fn uids(study: &Value) -> StudyUids {
+    let study_uid = study["identifier"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|i| i["system"] == "urn:dicom:uid")
+        .and_then(|i| i["value"].as_str())
+        .map(|v| v.trim_start_matches("urn:oid:").to_string());
+    let series = study["series"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| {
+            let uid = s["uid"].as_str()?.to_string();
+            let sops = s["instance"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|i| i["uid"].as_str().map(str::to_string))
+                .collect();
+            Some((uid, sops))
+        })
+        .collect();
+    StudyUids {
+        study: study_uid,
+        series,
+    }
+}
+
+/// The DICOMweb base URL of the study's `dicom-wado-rs` Endpoint: contained, in the same
+/// Bundle, or stored here.
+async fn wado_base(
+    state: &AppState,
+    study: &Value,
+    bundle: &HashMap<String, Value>,
+) -> Option<String> {
+    let mut refs: Vec<String> = Vec::new();
+    for e in study["endpoint"].as_array().into_iter().flatten() {
+        refs.extend(e["reference"].as_str().map(str::to_string));
+    }
+    for s in study["series"].as_array().into_iter().flatten() {
+        for e in s["endpoint"].as_array().into_iter().flatten() {
+            refs.extend(e["reference"].as_str().map(str::to_string));
+        }
+    }
+    for r in refs {
+        let endpoint = if let Some(local) = r.strip_prefix('#') {
+            study["contained"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|c| c["id"] == local)
+                .cloned()
+        } else if let Some(v) = bundle.get(&normalise_reference(&r)) {
+            Some(v.clone())
+        } else if let Some((t, id)) = normalise_reference(&r).split_once('/') {
+            if t == "Endpoint" {
+                state
+                    .store
+                    .fhir_read("Endpoint", id, None)
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|s| s.body)
+            } else {
+                None
+            }
+        } else {
+            None
+        };
+        let Some(ep) = endpoint else { continue };
+        let wado = ep["connectionType"]["code"] == "dicom-wado-rs";
+        if let (true, Some(a)) = (wado, ep["address"].as_str()) {
+            return Some(a.trim_end_matches('/').to_string());
+        }
+    }
+    None
+}
+
+/// Fetches `{base}{path}` as multipart/related DICOM and ingests every part. Returns the SOP
+/// Instance UIDs stored.
+async fn fetch_and_ingest(state: &AppState, base: &str, path: &str) -> Result<Vec<String>, String> {
+    let rest = base
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("only http:// WADO-RS endpoints are supported: {base}"))?;
+    let (authority, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let uri = if prefix.is_empty() {
+        path.to_string()
+    } else {
+        format!("/{}{path}", prefix.trim_end_matches('/'))
+    };
+    let stream = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tokio::net::TcpStream::connect(authority),
+    )
+    .await
+    .map_err(|_| format!("{authority}: connection timed out"))?
+    .map_err(|e| format!("cannot connect to {authority}: {e}"))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(&uri)
+        .header(hyper::header::HOST, authority)
+        .header(
+            hyper::header::ACCEPT,
+            "multipart/related; type=\"application/dicom\"",
+        )
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let res = tokio::time::timeout(std::time::Duration::from_secs(60), sender.send_request(req))
+        .await
+        .map_err(|_| "WADO-RS: no answer within 60 s".to_string())?
+        .map_err(|e| e.to_string())?;
+    let status = res.status();
+    let ct = res
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    if !status.is_success() {
+        return Err(format!("WADO-RS {uri} answered {status}"));
+    }
+    let (essence, params) = crate::dicom::media_params(&ct);
+    let boundary = match (essence.as_str(), params.get("boundary")) {
+        ("multipart/related", Some(b)) => b.clone(),
+        _ => {
+            return Err(format!(
+                "WADO-RS answered '{ct}', not multipart/related with a boundary"
+            ))
+        }
+    };
+    let body = res
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    let stream = futures_util::stream::once(async move { Ok::<_, std::io::Error>(body) });
+    let mut parts = multer::Multipart::new(stream, boundary);
+    let mut stored = Vec::new();
+    while let Some(part) = parts.next_field().await.map_err(|e| e.to_string())? {
+        let bytes = part.bytes().await.map_err(|e| e.to_string())?;
+        let accepted = state
+            .ingest
+            .receive_claimed(bytes, Source::Wado)
+            .await
+            .map_err(|e| e.to_string())?;
+        stored.push(accepted.index.sop_instance_uid);
+    }
+    Ok(stored)
+}
+
+/// Analyses the pixels of a stored ImagingStudy and stores the report. `bundle` maps
+/// `Type/id` of the resources stored with it (to find an Endpoint in the same Bundle).
+///
+/// # Errors
+/// A message saying why there is no report (no pixels found, fetch failed, analysis failed).
+pub async fn analyse_imaging_study(
+    state: &AppState,
+    study: &Stored,
+    bundle: &HashMap<String, Value>,
+) -> Result<Vec<Stored>, String> {
+    let u = uids(&study.body);
+    let wanted: Vec<String> = u.series.iter().flat_map(|(_, s)| s.clone()).collect();
+    // 1. instances already here
+    let mut have: Vec<String> = Vec::new();
+    if let Some(s) = &u.study {
+        let q = Query {
+            study_uid: Some(s.clone()),
+            limit: 1000,
+            ..Query::default()
+        };
+        let found = state
+            .store
+            .search_instances(&q)
+            .await
+            .map_err(|e| e.to_string())?;
+        have = found
+            .into_iter()
+            .map(|i| i.sop_instance_uid)
+            .filter(|sop| wanted.is_empty() || wanted.contains(sop))
+            .collect();
+    } else {
+        for sop in &wanted {
+            if state.store.instance(sop).await.ok().flatten().is_some() {
+                have.push(sop.clone());
+            }
+        }
+    }
+    // 2. the rest by WADO-RS from the study's endpoint
+    let mut fetch_note = None;
+    let missing: Vec<&String> = wanted.iter().filter(|s| !have.contains(s)).collect();
+    if have.is_empty() || !missing.is_empty() {
+        match (wado_base(state, &study.body, bundle).await, &u.study) {
+            (Some(base), Some(study_uid)) => {
+                let paths: Vec<String> = if wanted.is_empty() {
+                    vec![format!("/studies/{study_uid}")]
+                } else {
+                    u.series
+                        .iter()
+                        .flat_map(|(series, sops)| {
+                            sops.iter().filter(|s| !have.contains(s)).map(move |sop| {
+                                format!("/studies/{study_uid}/series/{series}/instances/{sop}")
+                            })
+                        })
+                        .collect()
+                };
+                for p in paths {
+                    match fetch_and_ingest(state, &base, &p).await {
+                        Ok(sops) => have.extend(sops),
+                        Err(e) => fetch_note = Some(e),
+                    }
+                }
+            }
+            (None, _) if have.is_empty() => return Err(
+                "no instance of this study is stored here and it names no dicom-wado-rs Endpoint"
+                    .into(),
+            ),
+            (_, None) if have.is_empty() => {
+                return Err(
+                    "the ImagingStudy has no Study Instance UID identifier (system urn:dicom:uid)"
+                        .into(),
+                )
+            }
+            _ => {}
+        }
+    }
+    // 3. analyse the first instance that routes to a model
+    let mut last_err = fetch_note.unwrap_or_else(|| "no instance could be analysed".into());
+    for sop in &have {
+        match state.ingest.process(sop, None).await {
+            Ok(a) => return store_report(state, study, &a.bundle).await,
+            Err(e) => last_err = format!("{sop}: {e}"),
+        }
+    }
+    Err(last_err)
+}
+
+/// Stores the analysis Bundle's resources with references to the ImagingStudy, its subject
+/// and its orders; ids come from the analysis, so a re-run updates instead of duplicating.
+async fn store_report(
+    state: &AppState,
+    study: &Stored,
+    report_bundle: &Value,
+) -> Result<Vec<Stored>, String> {
+    let study_ref = json!({"reference": format!("ImagingStudy/{}", study.id)});
+    let subject = study.body.get("subject").cloned();
+    let based_on = study.body.get("basedOn").cloned();
+    let mut map: HashMap<String, String> = HashMap::new();
+    let entries = report_bundle["entry"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for e in &entries {
+        if let (Some(f), Some(t), Some(id)) = (
+            e["fullUrl"].as_str(),
+            e["resource"]["resourceType"].as_str(),
+            e["resource"]["id"].as_str(),
+        ) {
+            map.insert(f.to_string(), format!("{t}/{id}"));
+        }
+    }
+    let mut writes = Vec::new();
+    for e in entries {
+        let mut r = e["resource"].clone();
+        rewrite(&mut r, &map);
+        let rt = r["resourceType"].as_str().unwrap_or("").to_string();
+        match rt.as_str() {
+            "DiagnosticReport" => {
+                r["imagingStudy"] = json!([study_ref]);
+                if let Some(b) = &based_on {
+                    r["basedOn"] = b.clone();
+                }
+            }
+            "Provenance" => {
+                r["entity"] = json!([{"role": "source", "what": study_ref}]);
+            }
+            _ => {}
+        }
+        if matches!(rt.as_str(), "DiagnosticReport" | "Observation" | "Media") {
+            match &subject {
+                Some(s) => r["subject"] = s.clone(),
+                None => {
+                    if let Some(o) = r.as_object_mut() {
+                        o.remove("subject");
+                    }
+                }
+            }
+        }
+        let id = r["id"].as_str().unwrap_or("").to_string();
+        writes.push(Write {
+            resource_type: rt,
+            id,
+            body: r,
+            if_match: None,
+        });
+    }
+    state
+        .store
+        .fhir_write(writes)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+fn rewrite(v: &mut Value, map: &HashMap<String, String>) {
+    match v {
+        Value::Object(o) => {
+            for (k, x) in o.iter_mut() {
+                if k == "reference" {
+                    if let Some(to) = x.as_str().and_then(|s| map.get(s)) {
+                        *x = Value::String(to.clone());
+                        continue;
+                    }
+                }
+                rewrite(x, map);
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| rewrite(x, map)),
+        _ => {}
+    }
+}
