@@ -293,7 +293,7 @@ async fn store_report(
     let mut writes = Vec::new();
     for e in entries {
         let mut r = e["resource"].clone();
-        rewrite(&mut r, &map);
+        crate::fhir::bundle::replace_refs(&mut r, &map);
         let rt = r["resourceType"].as_str().unwrap_or("").to_string();
         match rt.as_str() {
             "DiagnosticReport" => {
@@ -330,22 +330,4 @@ async fn store_report(
         .fhir_write(writes)
         .await
         .map_err(|e| e.to_string())
-}
-
-fn rewrite(v: &mut Value, map: &HashMap<String, String>) {
-    match v {
-        Value::Object(o) => {
-            for (k, x) in o.iter_mut() {
-                if k == "reference" {
-                    if let Some(to) = x.as_str().and_then(|s| map.get(s)) {
-                        *x = Value::String(to.clone());
-                        continue;
-                    }
-                }
-                rewrite(x, map);
-            }
-        }
-        Value::Array(a) => a.iter_mut().for_each(|x| rewrite(x, map)),
-        _ => {}
-    }
 }

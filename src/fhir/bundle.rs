@@ -218,7 +218,8 @@ fn rewrite(body: &mut Value, map: &HashMap<String, String>, path: &str) -> Resul
     Ok(())
 }
 
-fn replace_refs(v: &mut Value, map: &HashMap<String, String>) {
+/// Replaces every `reference` found in `map` by its target.
+pub fn replace_refs(v: &mut Value, map: &HashMap<String, String>) {
     match v {
         Value::Object(o) => {
             for (k, x) in o.iter_mut() {
