@@ -332,11 +332,29 @@ fn check_nesting(body: &[u8]) -> Result<(), ParseError> {
 
 const UNDEFINED: u32 = u32::MAX;
 
+fn overrun(g: u16, e: u16, len: u32, rem: usize) -> ParseError {
+    ParseError::Unreadable(format!(
+        "element ({g:04X},{e:04X}) declares {len} bytes but only {rem} remain"
+    ))
+}
+
+const LONG: [&[u8; 2]; 13] = [
+    b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV",
+];
+const SHORT: [&[u8; 2]; 22] = [
+    b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"PN",
+    b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US", b"UN",
+];
+
+/// Largest inflated size of a deflated data set (a decompression bomb stops here).
+pub const MAX_INFLATED: u64 = 256 << 20;
+
 /// Walks the element structure (file meta, then the data set in its transfer syntax) and
 /// refuses any value length that runs past the end of the data, or an invalid VR, before the
 /// parser sees it: a crafted 4 GiB length must be a quick refusal, not a long read. Sequences
-/// and items are entered; encapsulated fragments are skipped. Deflated data sets, and
-/// undefined-length UN values (implicit VR inside), are left to the parser.
+/// and items are entered; encapsulated fragments are skipped. A deflated data set is inflated
+/// (up to [`MAX_INFLATED`]) and checked the same way (cargo fuzz found an out-of-memory
+/// through one); undefined-length UN values (implicit VR inside) are left to the parser.
 fn check_lengths(body: &[u8]) -> Result<(), ParseError> {
     let n = body.len();
     let u16_at = |i: usize, big: bool| {
@@ -355,18 +373,6 @@ fn check_lengths(body: &[u8]) -> Result<(), ParseError> {
             u32::from_le_bytes(b)
         }
     };
-    let overrun = |g: u16, e: u16, len: u32, rem: usize| {
-        ParseError::Unreadable(format!(
-            "element ({g:04X},{e:04X}) declares {len} bytes but only {rem} remain"
-        ))
-    };
-    const LONG: [&[u8; 2]; 13] = [
-        b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV",
-    ];
-    const SHORT: [&[u8; 2]; 22] = [
-        b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"PN",
-        b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US", b"UN",
-    ];
     // file meta: explicit VR little endian, group 0002
     let mut i = 0;
     let mut ts = String::new();
@@ -395,9 +401,55 @@ fn check_lengths(body: &[u8]) -> Result<(), ParseError> {
     let (implicit, big) = match ts.as_str() {
         "1.2.840.10008.1.2" => (true, false),
         "1.2.840.10008.1.2.2" => (false, true),
-        "1.2.840.10008.1.2.1.99" | "1.2.840.10008.1.2.8.1" => return Ok(()), // deflated
+        "1.2.840.10008.1.2.1.99" | "1.2.840.10008.1.2.8.1" => {
+            let inflated = inflate(&body[i..])?;
+            check_nesting(&inflated)?;
+            return walk_data_set(&inflated, 0, false, false);
+        }
         _ => (false, false),
     };
+    walk_data_set(body, i, implicit, big)
+}
+
+/// Inflates a deflated data set (PS3.5 A.5: raw deflate), refusing more than [`MAX_INFLATED`].
+fn inflate(data: &[u8]) -> Result<Vec<u8>, ParseError> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    flate2::read::DeflateDecoder::new(data)
+        .take(MAX_INFLATED + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| {
+            ParseError::Unreadable(format!("the deflated data set does not inflate: {e}"))
+        })?;
+    if out.len() as u64 > MAX_INFLATED {
+        return Err(ParseError::Unreadable(format!(
+            "the deflated data set inflates to more than {} MiB",
+            MAX_INFLATED >> 20
+        )));
+    }
+    Ok(out)
+}
+
+/// The element walk of [`check_lengths`] over a data set starting at `start`.
+fn walk_data_set(body: &[u8], start: usize, implicit: bool, big: bool) -> Result<(), ParseError> {
+    let n = body.len();
+    let u16_at = |i: usize, big: bool| {
+        let b = [body[i], body[i + 1]];
+        if big {
+            u16::from_be_bytes(b)
+        } else {
+            u16::from_le_bytes(b)
+        }
+    };
+    let u32_at = |i: usize, big: bool| {
+        let b = [body[i], body[i + 1], body[i + 2], body[i + 3]];
+        if big {
+            u32::from_be_bytes(b)
+        } else {
+            u32::from_le_bytes(b)
+        }
+    };
+    let mut i = start;
     let mut in_fragments = false;
     while i + 8 <= n {
         let (g, e) = (u16_at(i, big), u16_at(i + 2, big));

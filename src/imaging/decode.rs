@@ -726,6 +726,17 @@ mod tests {
             "/tests/fixtures/fuzz/rle_segment_past_end.dcm"
         );
         let bytes = std::fs::read(path).unwrap();
+        // cargo fuzz: a mutated deflated data set declared a length that made the parser
+        // allocate gigabytes; the inflated data set now gets the structural checks too
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/fuzz/deflate_huge_length.dcm"
+        );
+        let deflated = std::fs::read(path).unwrap();
+        match decode(&deflated, MediaType::Dicom) {
+            Err(DecodeError::Dicom(m)) => assert!(m.contains("element ("), "{m}"),
+            other => panic!("expected a structural refusal, got {:?}", other.map(|_| ())),
+        }
         // the message is Carina's own RLE decoder's, not the caught panic's
         match decode(&bytes, MediaType::Dicom) {
             Err(DecodeError::Pixels(m)) => assert!(m.contains("RLE data"), "{m}"),
