@@ -88,6 +88,15 @@ impl AppState {
     /// features changed. Failures are logged (without patient identifiers), never answered:
     /// the resources themselves are already stored.
     pub async fn fhir_written(&self, written: &[Stored]) -> Triggered {
+        self.fhir_written_within(written, self.sync_wait).await
+    }
+
+    /// [`Self::fhir_written`] with an explicit wait for imaging analyses.
+    pub async fn fhir_written_within(
+        &self,
+        written: &[Stored],
+        wait: std::time::Duration,
+    ) -> Triggered {
         let mut out = Triggered::default();
         let bundle: std::collections::HashMap<String, serde_json::Value> = written
             .iter()
@@ -99,7 +108,7 @@ impl AppState {
             let mut job = tokio::spawn(async move {
                 crate::trigger::analyse_imaging_study(&state, &study, &bundle).await
             });
-            match tokio::time::timeout(self.sync_wait, &mut job).await {
+            match tokio::time::timeout(wait, &mut job).await {
                 Ok(Ok(Ok(stored))) => out.reports.extend(
                     stored
                         .iter()
@@ -113,7 +122,7 @@ impl AppState {
                 Ok(Err(e)) => out.notes.push(format!("analysis task failed: {e}")),
                 Err(_) => out.notes.push(format!(
                     "analysis still running after {} s; its DiagnosticReport will reference the ImagingStudy",
-                    self.sync_wait.as_secs()
+                    wait.as_secs()
                 )),
             }
         }

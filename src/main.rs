@@ -52,6 +52,10 @@ fn serve(common: &Common) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         let store = Store::open(&settings.data_dir).await?;
+        let interrupted = store.async_interrupted().await?;
+        if interrupted > 0 {
+            tracing::warn!(interrupted, "asynchronous FHIR requests interrupted by the last stop (their resources are stored)");
+        }
         let exporter = Exporter::new(
             store.clone(),
             settings.dicom.destinations.clone(),

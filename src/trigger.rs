@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 
 use crate::app::AppState;
 use crate::fhir::index::normalise_reference;
+use crate::imaging::MediaType;
 use crate::store::fhir::{Stored, Write};
 use crate::store::{Query, Source};
 
@@ -217,11 +218,18 @@ pub async fn analyse_imaging_study(
             }
         }
     }
-    // 2. the rest by WADO-RS from the study's endpoint
+    // 2. an image attached in the same Bundle (Binary or Media), when nothing is stored
+    let endpoint = wado_base(state, &study.body, bundle).await;
+    if have.is_empty() && endpoint.is_none() {
+        if let Some((bytes, media)) = attached_image(bundle) {
+            return analyse_attached(state, study, bytes, media).await;
+        }
+    }
+    // 3. the rest by WADO-RS from the study's endpoint
     let mut fetch_note = None;
     let missing: Vec<&String> = wanted.iter().filter(|s| !have.contains(s)).collect();
     if have.is_empty() || !missing.is_empty() {
-        match (wado_base(state, &study.body, bundle).await, &u.study) {
+        match (endpoint, &u.study) {
             (Some(base), Some(study_uid)) => {
                 let paths: Vec<String> = if wanted.is_empty() {
                     vec![format!("/studies/{study_uid}")]
@@ -243,7 +251,7 @@ pub async fn analyse_imaging_study(
                 }
             }
             (None, _) if have.is_empty() => return Err(
-                "no instance of this study is stored here and it names no dicom-wado-rs Endpoint"
+                "no instance of this study is stored here, it names no dicom-wado-rs Endpoint, and its Bundle holds no Binary or Media image"
                     .into(),
             ),
             (_, None) if have.is_empty() => {
@@ -255,7 +263,7 @@ pub async fn analyse_imaging_study(
             _ => {}
         }
     }
-    // 3. analyse the first instance that routes to a model
+    // 4. analyse the first instance that routes to a model
     let mut last_err = fetch_note.unwrap_or_else(|| "no instance could be analysed".into());
     for sop in &have {
         match state.ingest.process(sop, None).await {
@@ -264,6 +272,67 @@ pub async fn analyse_imaging_study(
         }
     }
     Err(last_err)
+}
+
+/// An image in a Binary or Media of the same Bundle: its bytes and media type.
+fn attached_image(bundle: &HashMap<String, Value>) -> Option<(Bytes, MediaType)> {
+    use base64::Engine as _;
+    let mut keys: Vec<&String> = bundle.keys().collect();
+    keys.sort();
+    keys.into_iter().find_map(|k| {
+        let r = &bundle[k];
+        let (ct, data) = match r["resourceType"].as_str()? {
+            "Binary" => (r["contentType"].as_str()?, r["data"].as_str()?),
+            "Media" => (
+                r.pointer("/content/contentType")?.as_str()?,
+                r.pointer("/content/data")?.as_str()?,
+            ),
+            _ => return None,
+        };
+        let media = MediaType::from_content_type(ct)?;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(data)
+            .ok()?;
+        Some((Bytes::from(bytes), media))
+    })
+}
+
+/// Analyses an attached image: DICOM goes through ingest like any instance, PNG/JPEG straight
+/// to the first image model.
+async fn analyse_attached(
+    state: &AppState,
+    study: &Stored,
+    bytes: Bytes,
+    media: MediaType,
+) -> Result<Vec<Stored>, String> {
+    let analysis = if media == MediaType::Dicom {
+        let accepted = state
+            .ingest
+            .receive_claimed(bytes, Source::Api)
+            .await
+            .map_err(|e| e.to_string())?;
+        state
+            .ingest
+            .process(&accepted.index.sop_instance_uid, None)
+            .await
+            .map_err(|e| e.to_string())?
+    } else {
+        let model = state
+            .models
+            .image_model(None)
+            .ok_or("no image model is loaded")?
+            .clone();
+        let a = crate::pipeline::analyse(model, bytes, media, |_| None)
+            .await
+            .map_err(|e| e.to_string())?;
+        state
+            .store
+            .save_analysis(&a, "fhir")
+            .await
+            .map_err(|e| e.to_string())?;
+        a
+    };
+    store_report(state, study, &analysis.bundle).await
 }
 
 /// Stores the analysis Bundle's resources with references to the ImagingStudy, its subject

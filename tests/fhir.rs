@@ -855,3 +855,77 @@ async fn iris_emulator_backend_with_fallback_and_circuit_breaker() {
         "{why}"
     );
 }
+
+#[tokio::test]
+async fn imaging_study_with_the_image_in_the_bundle() {
+    use base64::Engine as _;
+    let (app, _d) = app(16 << 20).await;
+    let b64 = |p: &str| {
+        base64::engine::general_purpose::STANDARD.encode(std::fs::read(root().join(p)).unwrap())
+    };
+    for (kind, attachment) in [
+        (
+            "Binary",
+            json!({"resourceType": "Binary", "contentType": "image/jpeg", "data": b64("tests/fixtures/images/hannover_4d98e1de.jpg")}),
+        ),
+        (
+            "Media",
+            json!({"resourceType": "Media", "status": "completed",
+            "content": {"contentType": "application/dicom", "data": b64("dicom-samples/derived_DX_normal_nih-cxr14.dcm")}}),
+        ),
+    ] {
+        let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"fullUrl": "urn:uuid:00000000-0000-4000-8000-0000000000b1", "request": {"method": "POST", "url": "Patient"},
+             "resource": {"resourceType": "Patient", "gender": "male"}},
+            {"fullUrl": "urn:uuid:00000000-0000-4000-8000-0000000000b2", "request": {"method": "POST", "url": kind}, "resource": attachment},
+            {"fullUrl": "urn:uuid:00000000-0000-4000-8000-0000000000b3", "request": {"method": "POST", "url": "ImagingStudy"},
+             "resource": {"resourceType": "ImagingStudy", "status": "available",
+                "subject": {"reference": "urn:uuid:00000000-0000-4000-8000-0000000000b1"}}}
+        ]});
+        let (s, h, body) = send(&app, req("POST", "/fhir", Some(&tx))).await;
+        assert_eq!(s, StatusCode::OK, "{kind}: {body}");
+        let link = h
+            .get(header::LINK)
+            .unwrap_or_else(|| panic!("{kind}: no report link: {h:?}"))
+            .to_str()
+            .unwrap();
+        let report = link
+            .split("/fhir/")
+            .nth(1)
+            .unwrap()
+            .split('>')
+            .next()
+            .unwrap();
+        let (s, _, dr) = get(&app, &format!("/fhir/{report}")).await;
+        assert_eq!(s, StatusCode::OK);
+        let study = body["entry"][2]["response"]["location"]
+            .as_str()
+            .unwrap()
+            .split("/_history")
+            .next()
+            .unwrap()
+            .to_string();
+        let patient = body["entry"][0]["response"]["location"]
+            .as_str()
+            .unwrap()
+            .split("/_history")
+            .next()
+            .unwrap()
+            .to_string();
+        assert_eq!(dr["imagingStudy"][0]["reference"], study, "{kind}");
+        assert_eq!(dr["subject"]["reference"], patient, "{kind}");
+        assert!(
+            dr["conclusion"].as_str().unwrap().contains("AI suggestion"),
+            "{kind}"
+        );
+        let (_, _, media) = get(&app, &format!("/fhir/Media?subject={patient}")).await;
+        assert_eq!(media["total"], 1, "{kind}: the heatmap Media");
+        let (_, _, prov) = get(&app, &format!("/fhir/Provenance?target={report}")).await;
+        assert_eq!(prov["total"], 1, "{kind}");
+        // the stored report passes both external R4 validators
+        let out = tempfile::tempdir().unwrap();
+        let f = out.path().join("dr.json");
+        std::fs::write(&f, dr.to_string()).unwrap();
+        common::validate_fhir(&[f.as_path()]);
+    }
+}

@@ -393,11 +393,22 @@ async fn http_send(
     path: &str,
     body: &str,
 ) -> (u16, String, String) {
+    http_send_with(addr, method, path, "", body).await
+}
+
+/// [`http_send`] with extra header lines (each ending in CRLF).
+async fn http_send_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    extra: &str,
+    body: &str,
+) -> (u16, String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(
         format!(
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/fhir+json\r\nContent-Length: {}\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{extra}Content-Type: application/fhir+json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         )
         .as_bytes(),
@@ -498,6 +509,51 @@ async fn imaging_study_pixels_come_from_orthanc_by_wado_rs() {
     )
     .unwrap();
     assert_eq!(media["total"], 1, "the heatmap Media is stored");
+    // the same study again with Prefer: respond-async (pixels are here now): 202, then the
+    // status endpoint ends with the ImagingStudy and its report
+    let again = serde_json::json!({"resourceType": "ImagingStudy", "status": "available",
+        "subject": {"reference": patient_ref},
+        "identifier": [{"system": "urn:dicom:uid", "value": format!("urn:oid:{study}")}]});
+    let (code, head, _) = http_send_with(
+        n.http,
+        "POST",
+        "/fhir/ImagingStudy",
+        "Prefer: respond-async\r\n",
+        &again.to_string(),
+    )
+    .await;
+    assert_eq!(code, 202, "{head}");
+    let status_url = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-location: "))
+        .unwrap_or_else(|| panic!("{head}"));
+    let status_path = format!("/fhir/{}", status_url.split_once("/fhir/").unwrap().1);
+    let mut done = None;
+    for _ in 0..120 {
+        let (code, _, body) = http_send(n.http, "GET", &status_path, "").await;
+        if code == 200 {
+            done = Some(body);
+            break;
+        }
+        assert_eq!(code, 202);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let done: serde_json::Value = serde_json::from_str(&done.expect("finished")).unwrap();
+    assert_eq!(done["type"], "batch-response");
+    assert_eq!(done["entry"][0]["response"]["status"], "201 Created");
+    assert_eq!(done["entry"][0]["resource"]["resourceType"], "ImagingStudy");
+    assert_eq!(
+        done["entry"][1]["resource"]["resourceType"],
+        "DiagnosticReport"
+    );
+    let new_study = format!(
+        "ImagingStudy/{}",
+        done["entry"][0]["resource"]["id"].as_str().unwrap()
+    );
+    assert_eq!(
+        done["entry"][1]["resource"]["imagingStudy"][0]["reference"],
+        new_study
+    );
     // an ImagingStudy whose pixels are nowhere: stored, and the answer says why no report
     let lonely = serde_json::json!({"resourceType": "ImagingStudy", "status": "available",
         "subject": {"display": "unknown"},

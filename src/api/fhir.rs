@@ -41,8 +41,15 @@ enum Return {
 }
 
 fn prefer(headers: &HeaderMap) -> (Return, bool) {
+    let (ret, strict, _) = prefer_all(headers);
+    (ret, strict)
+}
+
+/// `Prefer`: return=, handling=strict, respond-async.
+fn prefer_all(headers: &HeaderMap) -> (Return, bool, bool) {
     let mut ret = Return::Representation;
     let mut strict = false;
+    let mut respond_async = false;
     for v in headers
         .get_all("prefer")
         .iter()
@@ -54,11 +61,113 @@ fn prefer(headers: &HeaderMap) -> (Return, bool) {
                 "return=representation" => ret = Return::Representation,
                 "return=OperationOutcome" => ret = Return::Outcome,
                 "handling=strict" => strict = true,
+                "respond-async" => respond_async = true,
                 _ => {}
             }
         }
     }
-    (ret, strict)
+    (ret, strict, respond_async)
+}
+
+/// `Prefer: respond-async`: the resources are stored already; what they trigger runs in the
+/// background. Answers 202 with `Content-Location` to the status endpoint.
+async fn start_async(
+    state: &AppState,
+    base: &str,
+    written: Vec<Stored>,
+    status: StatusCode,
+    location: Option<String>,
+    body: &Value,
+) -> Result<Response, ApiError> {
+    let id = uuid::Uuid::new_v4().to_string();
+    state
+        .store
+        .async_start(&id, i64::from(status.as_u16()), location.as_deref(), body)
+        .await?;
+    let (st, job) = (state.clone(), id.clone());
+    tokio::spawn(async move {
+        let t = st
+            .fhir_written_within(&written, std::time::Duration::from_secs(3600))
+            .await;
+        if let Err(e) = st.store.async_finish(&job, &t.reports, &t.notes).await {
+            tracing::error!(job = %job, "async request status not recorded: {e}");
+        }
+    });
+    let mut r = fhir_json(
+        StatusCode::ACCEPTED,
+        &crate::fhir::outcome(
+            "information",
+            "informational",
+            "accepted: the resources are stored; poll Content-Location for the result",
+        ),
+    );
+    if let Ok(v) = HeaderValue::from_str(&format!("{base}/_async/{id}")) {
+        r.headers_mut().insert(header::CONTENT_LOCATION, v);
+    }
+    Ok(r)
+}
+
+/// `GET /fhir/_async/{id}`: 202 while running, then 200 with a batch-response Bundle: the
+/// request's own answer, then each DiagnosticReport it produced.
+pub async fn async_status(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let job = state
+        .store
+        .async_job(&id)
+        .await?
+        .ok_or_else(|| FhirError::NotFound(format!("asynchronous request {id}")))?;
+    let base = fhir_base(&state, &headers);
+    match job.state.as_str() {
+        "running" => {
+            let mut r = StatusCode::ACCEPTED.into_response();
+            r.headers_mut()
+                .insert("x-progress", HeaderValue::from_static("analysing"));
+            return Ok(r);
+        }
+        "interrupted" => {
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "incomplete",
+                "the server restarted while this request's analyses ran; its resources are stored, post the ImagingStudy again to analyse it",
+            ))
+        }
+        _ => {}
+    }
+    let mut first = serde_json::json!({
+        "response": {"status": format!("{} {}", job.status, if job.status == 201 { "Created" } else { "OK" })},
+        "resource": job.body,
+    });
+    if let Some(l) = &job.location {
+        first["response"]["location"] = Value::String(l.clone());
+    }
+    if !job.notes.is_empty() {
+        first["response"]["outcome"] =
+            crate::fhir::outcome("warning", "incomplete", &job.notes.join("; "));
+    }
+    let mut entries = vec![first];
+    for report in &job.reports {
+        if let Some((t, rid)) = report.split_once('/') {
+            if let Some(s) = state.store.fhir_read(t, rid, None).await? {
+                entries.push(serde_json::json!({
+                    "fullUrl": format!("{base}/{report}"),
+                    "response": {"status": "200 OK", "location": format!("{report}/_history/{}", s.version)},
+                    "resource": s.body,
+                }));
+            }
+        }
+    }
+    Ok(fhir_json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "resourceType": "Bundle",
+            "id": id,
+            "type": "batch-response",
+            "entry": entries,
+        }),
+    ))
 }
 
 fn fhir_base(state: &AppState, headers: &HeaderMap) -> String {
@@ -206,9 +315,21 @@ pub async fn post_bundle(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let value = json_body(&state, &headers, body)?;
-    let (ret, _) = prefer(&headers);
+    let (ret, _, respond_async) = prefer_all(&headers);
     let base = fhir_base(&state, &headers);
     let result = bundle::post(&state.store, value, &base, ret == Return::Representation).await?;
+    if respond_async {
+        let status = StatusCode::from_u16(result.status).unwrap_or(StatusCode::OK);
+        return start_async(
+            &state,
+            &base,
+            result.written,
+            status,
+            result.location,
+            &result.body,
+        )
+        .await;
+    }
     let triggered = state.fhir_written(&result.written).await;
     let status = StatusCode::from_u16(result.status).unwrap_or(StatusCode::OK);
     let mut r = if status == StatusCode::CREATED && ret == Return::Minimal {
@@ -234,12 +355,24 @@ pub async fn create(
     let value = json_body(&state, &headers, body)?;
     let (ret, _) = prefer(&headers);
     let base = fhir_base(&state, &headers);
-    let stored = if resource_type == "Bundle" {
-        // a Bundle POSTed to /fhir/Bundle is stored as it is, whatever its type
-        rest::create(&state.store, "Bundle", value).await?
-    } else {
-        rest::create(&state.store, &resource_type, value).await?
-    };
+    // a Bundle POSTed to /fhir/Bundle is stored as it is, whatever its type
+    let stored = rest::create(&state.store, &resource_type, value).await?;
+    if prefer_all(&headers).2 {
+        let location = format!(
+            "{base}/{}/{}/_history/{}",
+            stored.resource_type, stored.id, stored.version
+        );
+        let body = stored.body.clone();
+        return start_async(
+            &state,
+            &base,
+            vec![stored],
+            StatusCode::CREATED,
+            Some(location),
+            &body,
+        )
+        .await;
+    }
     let triggered = state.fhir_written(std::slice::from_ref(&stored)).await;
     let mut r = written(&stored, &base, ret);
     trigger_headers(&mut r, &triggered, &base);

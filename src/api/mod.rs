@@ -83,6 +83,7 @@ pub fn router(state: AppState) -> Router {
         .route("/dicomweb/instances", get(dicomweb::search_instances))
         .route("/fhir", post(fhir::post_bundle))
         .route("/fhir/metadata", get(fhir::metadata))
+        .route("/fhir/_async/{id}", get(fhir::async_status))
         .route("/fhir/{type}", get(fhir::search).post(fhir::create))
         .route(
             "/fhir/{type}/{id}",

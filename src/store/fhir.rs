@@ -371,3 +371,108 @@ fn push_range(
         }
     }
 }
+
+/// A `Prefer: respond-async` request.
+#[derive(Debug, Clone)]
+pub struct AsyncJob {
+    /// Id (in the status URL).
+    pub id: String,
+    /// `running`, `done` or `interrupted`.
+    pub state: String,
+    /// HTTP status of the request's own answer.
+    pub status: i64,
+    /// Location of a created resource.
+    pub location: Option<String>,
+    /// The request's own answer.
+    pub body: Value,
+    /// `DiagnosticReport/<id>` produced.
+    pub reports: Vec<String>,
+    /// Why there is no report.
+    pub notes: Vec<String>,
+}
+
+impl Store {
+    /// Records an accepted asynchronous request (its resources are already stored).
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub async fn async_start(
+        &self,
+        id: &str,
+        status: i64,
+        location: Option<&str>,
+        body: &Value,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO fhir_async (id, created, state, status, location, body, reports, notes) \
+             VALUES (?, ?, 'running', ?, ?, ?, '[]', '[]')",
+        )
+        .bind(id)
+        .bind(index::instant(chrono::Utc::now()))
+        .bind(status)
+        .bind(location)
+        .bind(serde_json::to_string(body)?)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Marks an asynchronous request finished with what it triggered.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub async fn async_finish(
+        &self,
+        id: &str,
+        reports: &[String],
+        notes: &[String],
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE fhir_async SET state = 'done', reports = ?, notes = ? WHERE id = ?")
+            .bind(serde_json::to_string(reports)?)
+            .bind(serde_json::to_string(notes)?)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Requests still `running` when the process stopped: their resources are stored, what
+    /// they triggered did not finish. Marked `interrupted`; returns how many.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub async fn async_interrupted(&self) -> Result<u64, StoreError> {
+        Ok(
+            sqlx::query("UPDATE fhir_async SET state = 'interrupted' WHERE state = 'running'")
+                .execute(&self.pool)
+                .await?
+                .rows_affected(),
+        )
+    }
+
+    /// One asynchronous request.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`] or a stored value that no longer parses.
+    pub async fn async_job(&self, id: &str) -> Result<Option<AsyncJob>, StoreError> {
+        let Some(r) = sqlx::query(
+            "SELECT id, state, status, location, body, reports, notes FROM fhir_async WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let text = |c: &str| -> Result<String, StoreError> { Ok(r.try_get::<String, _>(c)?) };
+        Ok(Some(AsyncJob {
+            id: text("id")?,
+            state: text("state")?,
+            status: r.try_get("status")?,
+            location: r.try_get("location")?,
+            body: serde_json::from_str(&text("body")?)?,
+            reports: serde_json::from_str(&text("reports")?)?,
+            notes: serde_json::from_str(&text("notes")?)?,
+        }))
+    }
+}
