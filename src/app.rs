@@ -84,6 +84,13 @@ impl AppState {
         })
     }
 
+    /// Sets how long FHIR requests wait for the analyses they trigger.
+    #[must_use]
+    pub fn with_sync_wait(mut self, wait: std::time::Duration) -> Self {
+        self.sync_wait = wait;
+        self
+    }
+
     /// Runs what stored FHIR resources trigger: a new risk assessment for each patient whose
     /// features changed. Failures are logged (without patient identifiers), never answered:
     /// the resources themselves are already stored.

@@ -32,6 +32,9 @@ pub struct Settings {
     pub onnxruntime: Option<PathBuf>,
     /// Largest accepted request body, in MiB.
     pub max_body_mb: usize,
+    /// How long a FHIR request waits for the imaging analysis it triggers, in seconds (the
+    /// analysis goes on after that; `Prefer: respond-async` does not wait at all).
+    pub fhir_sync_wait_secs: u64,
     /// Public base URL used in links (else taken from the request's Host header).
     pub public_url: Option<String>,
     /// The DICOM node (`[dicom]`).
@@ -97,6 +100,7 @@ impl Default for Settings {
             max_batch: 4,
             onnxruntime: None,
             max_body_mb: 64,
+            fhir_sync_wait_secs: 60,
             public_url: None,
             dicom: DicomSettings::default(),
             risk: crate::risk::RiskSettings::default(),
@@ -200,6 +204,9 @@ impl Settings {
         }
         if let Some(v) = get("CARINA_ONNXRUNTIME") {
             self.onnxruntime = Some(v.into());
+        }
+        if let Some(v) = get("CARINA_FHIR_SYNC_WAIT_SECS") {
+            self.fhir_sync_wait_secs = parse("CARINA_FHIR_SYNC_WAIT_SECS", &v)?;
         }
         if let Some(v) = get("CARINA_MAX_BODY_MB") {
             self.max_body_mb = parse("CARINA_MAX_BODY_MB", &v)?;

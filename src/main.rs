@@ -77,7 +77,8 @@ fn serve(common: &Common) -> anyhow::Result<()> {
             ingest.clone(),
             &settings.risk,
         )
-        .map_err(anyhow::Error::msg)?;
+        .map_err(anyhow::Error::msg)?
+        .with_sync_wait(std::time::Duration::from_secs(settings.fhir_sync_wait_secs));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = |rx: tokio::sync::watch::Receiver<bool>| async move {
             let mut rx = rx;

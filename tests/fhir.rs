@@ -38,12 +38,21 @@ async fn app_with(
     max_body: usize,
     risk: &carina::risk::RiskSettings,
 ) -> (Router, tempfile::TempDir) {
+    app_full(max_body, risk, std::time::Duration::from_secs(60)).await
+}
+
+async fn app_full(
+    max_body: usize,
+    risk: &carina::risk::RiskSettings,
+    wait: std::time::Duration,
+) -> (Router, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let store = carina::store::Store::open(dir.path()).await.unwrap();
     let models = tokio::task::spawn_blocking(shipped).await.unwrap();
     let ingest = carina::ingest::Ingest::new(store.clone(), models.clone(), Vec::new(), 0, None);
-    let state =
-        carina::app::AppState::with_risk(models, store, None, max_body, ingest, risk).unwrap();
+    let state = carina::app::AppState::with_risk(models, store, None, max_body, ingest, risk)
+        .unwrap()
+        .with_sync_wait(wait);
     assert!(state.risk.is_some(), "the shipped tabular model is loaded");
     (carina::api::router(state), dir)
 }
@@ -928,4 +937,48 @@ async fn imaging_study_with_the_image_in_the_bundle() {
         std::fs::write(&f, dr.to_string()).unwrap();
         common::validate_fhir(&[f.as_path()]);
     }
+}
+
+#[tokio::test]
+async fn a_slow_analysis_answers_at_the_wait_and_finishes_after() {
+    use base64::Engine as _;
+    let (app, _d) = app_full(
+        16 << 20,
+        &carina::risk::RiskSettings::default(),
+        std::time::Duration::ZERO,
+    )
+    .await;
+    let jpg = base64::engine::general_purpose::STANDARD
+        .encode(std::fs::read(root().join("tests/fixtures/images/hannover_4d98e1de.jpg")).unwrap());
+    let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "POST", "url": "Binary"}, "resource": {"resourceType": "Binary", "contentType": "image/jpeg", "data": jpg}},
+        {"request": {"method": "POST", "url": "ImagingStudy"},
+         "resource": {"resourceType": "ImagingStudy", "status": "available", "subject": {"display": "anonymous"}}}
+    ]});
+    let (s, h, body) = send(&app, req("POST", "/fhir", Some(&tx))).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert!(h.get(header::LINK).is_none());
+    let note = h["x-carina-analysis"].to_str().unwrap();
+    assert!(note.contains("still running after 0 s"), "{note}");
+    let study = body["entry"][1]["response"]["location"]
+        .as_str()
+        .unwrap()
+        .split("/_history")
+        .next()
+        .unwrap()
+        .to_string();
+    let mut found = 0;
+    for _ in 0..100 {
+        let (_, _, b) = get(
+            &app,
+            &format!("/fhir/DiagnosticReport?imaging-study={study}"),
+        )
+        .await;
+        found = b["total"].as_i64().unwrap();
+        if found == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(found, 1, "the analysis finished after the answer");
 }
