@@ -796,7 +796,57 @@ async fn iris_emulator_backend_with_fallback_and_circuit_breaker() {
         (p, prov["reason"][0]["text"].as_str().unwrap().to_string())
     };
 
-    // IRIS answers: its probability, and the Provenance names it
+    // a Synthea patient posted as a transaction is assessed by IRIS
+    let synthea: Value = serde_json::from_slice(
+        &std::fs::read(root().join(
+            "tests/fixtures/fhir/bundles/synthea_Alfreda_Wyman_3287b938-4670-47eb-91e5-e0ce3df71405.json",
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let (s, _, resp) = send(app, req("POST", "/fhir", Some(&synthea))).await;
+    assert_eq!(s, StatusCode::OK);
+    let patient = resp["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|e| {
+            e["response"]["location"]
+                .as_str()
+                .filter(|l| l.starts_with("Patient/"))
+        })
+        .unwrap()
+        .split("/_history")
+        .next()
+        .unwrap()
+        .to_string();
+    let (_, _, found) = get(app, &format!("/fhir/RiskAssessment?subject={patient}")).await;
+    assert_eq!(found["total"], 1, "{found}");
+    let ra = &found["entry"][0]["resource"];
+    let st = emu.state();
+    let p = ra["prediction"][0]["probabilityDecimal"].as_f64().unwrap();
+    assert!(
+        (p - st["last"].as_f64().unwrap()).abs() < 1e-6,
+        "{p} vs {st}"
+    );
+    let (_, _, prov) = get(
+        app,
+        &format!(
+            "/fhir/Provenance?target=RiskAssessment/{}",
+            ra["id"].as_str().unwrap()
+        ),
+    )
+    .await;
+    let why = prov["entry"][0]["resource"]["reason"][0]["text"]
+        .as_str()
+        .unwrap();
+    assert!(
+        why.contains("IRIS IntegratedML model IcuDeathRisk"),
+        "{why}"
+    );
+    assert_eq!(st["calls"], 1);
+
+    // IRIS answers $predict too: its probability, and the Provenance names it
     let (p, why) = ask().await;
     let st = emu.state();
     assert!(
@@ -807,7 +857,7 @@ async fn iris_emulator_backend_with_fallback_and_circuit_breaker() {
         why.contains("IRIS IntegratedML model IcuDeathRisk"),
         "{why}"
     );
-    assert_eq!(st["calls"], 1);
+    assert_eq!(st["calls"], 2);
 
     // each failure falls back to the local model, with the reason recorded
     for (mode, reason, calls) in [
