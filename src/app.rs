@@ -105,12 +105,22 @@ impl AppState {
         wait: std::time::Duration,
     ) -> Triggered {
         let mut out = Triggered::default();
-        let bundle: std::collections::HashMap<String, serde_json::Value> = written
+        let studies: Vec<&Stored> = written
             .iter()
-            .map(|s| (format!("{}/{}", s.resource_type, s.id), s.body.clone()))
+            .filter(|s| s.resource_type == "ImagingStudy")
             .collect();
-        let bundle = Arc::new(bundle);
-        for study in written.iter().filter(|s| s.resource_type == "ImagingStudy") {
+        // the other resources of the request, where an Endpoint or an image may be (built
+        // only when there is an ImagingStudy to analyse)
+        let bundle: Arc<std::collections::HashMap<String, serde_json::Value>> =
+            Arc::new(if studies.is_empty() {
+                Default::default()
+            } else {
+                written
+                    .iter()
+                    .map(|s| (format!("{}/{}", s.resource_type, s.id), s.body.clone()))
+                    .collect()
+            });
+        for study in studies {
             let (state, study, bundle) = (self.clone(), study.clone(), bundle.clone());
             let mut job = tokio::spawn(async move {
                 crate::trigger::analyse_imaging_study(&state, &study, &bundle).await

@@ -219,7 +219,12 @@ pub async fn analyse_imaging_study(
         }
     }
     // 2. an image attached in the same Bundle (Binary or Media), when nothing is stored
-    let endpoint = wado_base(state, &study.body, bundle).await;
+    let need_more = have.is_empty() || wanted.iter().any(|s| !have.contains(s));
+    let endpoint = if need_more {
+        wado_base(state, &study.body, bundle).await
+    } else {
+        None
+    };
     if have.is_empty() && endpoint.is_none() {
         if let Some((bytes, media)) = attached_image(bundle) {
             return analyse_attached(state, study, bytes, media).await;
@@ -227,8 +232,7 @@ pub async fn analyse_imaging_study(
     }
     // 3. the rest by WADO-RS from the study's endpoint
     let mut fetch_note = None;
-    let missing: Vec<&String> = wanted.iter().filter(|s| !have.contains(s)).collect();
-    if have.is_empty() || !missing.is_empty() {
+    if need_more {
         match (endpoint, &u.study) {
             (Some(base), Some(study_uid)) => {
                 let paths: Vec<String> = if wanted.is_empty() {

@@ -2,11 +2,9 @@
 //! the answer: `Location`, `ETag`, `Last-Modified`, `Prefer: return=…`, and every error as an
 //! OperationOutcome with its status.
 
-use std::collections::HashMap;
-
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{Path, Query, RawQuery, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
@@ -391,18 +389,13 @@ pub async fn update(
     let (ret, _) = prefer(&headers);
     let if_match = match headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok()) {
         None => None,
-        Some(v) => Some(
-            v.trim_start_matches("W/")
-                .trim_matches('"')
-                .parse::<i64>()
-                .map_err(|_| {
-                    ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        "invalid",
-                        format!("If-Match '{v}' is not a version ETag like W/\"3\""),
-                    )
-                })?,
-        ),
+        Some(v) => Some(rest::etag_version(v).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                format!("If-Match '{v}' is not a version ETag like W/\"3\""),
+            )
+        })?),
     };
     let base = fhir_base(&state, &headers);
     let stored = rest::update(&state.store, &resource_type, &id, value, if_match).await?;
@@ -459,11 +452,9 @@ pub async fn search(
 pub async fn operation(
     State(state): State<AppState>,
     Path((resource_type, op)): Path<(String, String)>,
-    query: Result<Query<HashMap<String, String>>, QueryRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let _ = query;
     rest::known_type(&resource_type)?;
     if resource_type == "RiskAssessment" && op == "$predict" {
         let value = json_body(&state, &headers, body)?;

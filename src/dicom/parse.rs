@@ -346,6 +346,26 @@ const SHORT: [&[u8; 2]; 22] = [
     b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US", b"UN",
 ];
 
+/// The 16-bit value at `i` (callers check `i + 2 <= body.len()`).
+fn read_u16(body: &[u8], i: usize, big: bool) -> u16 {
+    let b = [body[i], body[i + 1]];
+    if big {
+        u16::from_be_bytes(b)
+    } else {
+        u16::from_le_bytes(b)
+    }
+}
+
+/// The 32-bit value at `i` (callers check `i + 4 <= body.len()`).
+fn read_u32(body: &[u8], i: usize, big: bool) -> u32 {
+    let b = [body[i], body[i + 1], body[i + 2], body[i + 3]];
+    if big {
+        u32::from_be_bytes(b)
+    } else {
+        u32::from_le_bytes(b)
+    }
+}
+
 /// Largest inflated size of a deflated data set (a decompression bomb stops here).
 pub const MAX_INFLATED: u64 = 256 << 20;
 
@@ -357,35 +377,19 @@ pub const MAX_INFLATED: u64 = 256 << 20;
 /// through one); undefined-length UN values (implicit VR inside) are left to the parser.
 fn check_lengths(body: &[u8]) -> Result<(), ParseError> {
     let n = body.len();
-    let u16_at = |i: usize, big: bool| {
-        let b = [body[i], body[i + 1]];
-        if big {
-            u16::from_be_bytes(b)
-        } else {
-            u16::from_le_bytes(b)
-        }
-    };
-    let u32_at = |i: usize, big: bool| {
-        let b = [body[i], body[i + 1], body[i + 2], body[i + 3]];
-        if big {
-            u32::from_be_bytes(b)
-        } else {
-            u32::from_le_bytes(b)
-        }
-    };
     // file meta: explicit VR little endian, group 0002
     let mut i = 0;
     let mut ts = String::new();
-    while i + 8 <= n && u16_at(i, false) == 0x0002 {
-        let e = u16_at(i + 2, false);
+    while i + 8 <= n && read_u16(body, i, false) == 0x0002 {
+        let e = read_u16(body, i + 2, false);
         let vr = [body[i + 4], body[i + 5]];
         let (hdr, len) = if LONG.iter().any(|v| **v == vr) {
             if i + 12 > n {
                 return Err(ParseError::Unreadable("truncated file meta group".into()));
             }
-            (12, u32_at(i + 8, false))
+            (12, read_u32(body, i + 8, false))
         } else {
-            (8, u32::from(u16_at(i + 6, false)))
+            (8, u32::from(read_u16(body, i + 6, false)))
         };
         let rem = n - i - hdr;
         if len as usize > rem {
@@ -433,29 +437,13 @@ fn inflate(data: &[u8]) -> Result<Vec<u8>, ParseError> {
 /// The element walk of [`check_lengths`] over a data set starting at `start`.
 fn walk_data_set(body: &[u8], start: usize, implicit: bool, big: bool) -> Result<(), ParseError> {
     let n = body.len();
-    let u16_at = |i: usize, big: bool| {
-        let b = [body[i], body[i + 1]];
-        if big {
-            u16::from_be_bytes(b)
-        } else {
-            u16::from_le_bytes(b)
-        }
-    };
-    let u32_at = |i: usize, big: bool| {
-        let b = [body[i], body[i + 1], body[i + 2], body[i + 3]];
-        if big {
-            u32::from_be_bytes(b)
-        } else {
-            u32::from_le_bytes(b)
-        }
-    };
     let mut i = start;
     let mut in_fragments = false;
     while i + 8 <= n {
-        let (g, e) = (u16_at(i, big), u16_at(i + 2, big));
+        let (g, e) = (read_u16(body, i, big), read_u16(body, i + 2, big));
         let rem = n - i - 8;
         if g == 0xFFFE {
-            let len = u32_at(i + 4, big);
+            let len = read_u32(body, i + 4, big);
             match e {
                 0xE000 if in_fragments => {
                     if len as usize > rem {
@@ -478,16 +466,16 @@ fn walk_data_set(body: &[u8], start: usize, implicit: bool, big: bool) -> Result
             continue;
         }
         let (hdr, len, vr) = if implicit {
-            (8, u32_at(i + 4, big), None)
+            (8, read_u32(body, i + 4, big), None)
         } else {
             let vr = [body[i + 4], body[i + 5]];
             if LONG.iter().any(|v| **v == vr) {
                 if i + 12 > n {
                     return Err(ParseError::Unreadable("truncated element header".into()));
                 }
-                (12, u32_at(i + 8, big), Some(vr))
+                (12, read_u32(body, i + 8, big), Some(vr))
             } else if SHORT.iter().any(|v| **v == vr) {
-                (8, u32::from(u16_at(i + 6, big)), Some(vr))
+                (8, u32::from(read_u16(body, i + 6, big)), Some(vr))
             } else {
                 return Err(ParseError::Unreadable(format!(
                     "element ({g:04X},{e:04X}) has an invalid VR"

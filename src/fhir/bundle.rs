@@ -166,10 +166,8 @@ async fn plan(
                 .pointer("/request/ifMatch")
                 .and_then(Value::as_str)
                 .map(|v| {
-                    v.trim_start_matches("W/")
-                        .trim_matches('"')
-                        .parse::<i64>()
-                        .map_err(|_| FhirError::Invalid(format!("{at}.request.ifMatch: '{v}'")))
+                    rest::etag_version(v)
+                        .ok_or_else(|| FhirError::Invalid(format!("{at}.request.ifMatch: '{v}'")))
                 })
                 .transpose()?;
             let mut body = resource.clone();

@@ -9,6 +9,11 @@ use super::FhirError;
 use crate::store::fhir::{Stored, Write};
 use crate::store::Store;
 
+/// The version in a weak or strong ETag (`W/"3"`, `"3"`, `3`).
+pub fn etag_version(v: &str) -> Option<i64> {
+    v.trim_start_matches("W/").trim_matches('"').parse().ok()
+}
+
 /// Checks the resource type named in a URL.
 ///
 /// # Errors

@@ -251,6 +251,35 @@ fn into_native(
 }
 
 const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
+
+/// An integer attribute of `obj`, when present and numeric.
+fn int_attr(obj: &DefaultDicomObject, tag: dicom_core::Tag) -> Option<usize> {
+    obj.element_opt(tag)
+        .ok()
+        .flatten()
+        .and_then(|e| e.to_int::<usize>().ok())
+}
+
+/// The compressed stream of each frame of encapsulated pixel data: one fragment per frame, or
+/// all fragments joined for a single-frame image. `None` when the pixel data is native.
+fn frame_streams(obj: &DefaultDicomObject) -> Result<Option<Vec<Vec<u8>>>, String> {
+    let frames = int_attr(obj, tags::NUMBER_OF_FRAMES).unwrap_or(1).max(1);
+    let Some(fragments) = obj
+        .element_opt(tags::PIXEL_DATA)
+        .ok()
+        .flatten()
+        .and_then(|px| px.fragments())
+    else {
+        return Ok(None);
+    };
+    if fragments.len() == frames {
+        Ok(Some(fragments.iter().map(|f| f.to_vec()).collect()))
+    } else if frames == 1 {
+        Ok(Some(vec![fragments.iter().flatten().copied().collect()]))
+    } else {
+        Err("several fragments per frame in a multi-frame image".into())
+    }
+}
 const JPEG_EXTENDED: &str = "1.2.840.10008.1.2.4.51";
 
 /// JPEG Extended (process 2 and 4) with 12-bit samples, which jpeg-decoder cannot decode, is
@@ -260,34 +289,16 @@ fn native_if_jpeg12(obj: DefaultDicomObject) -> Result<DefaultDicomObject, Decod
     if obj.meta().transfer_syntax().trim_end_matches('\0') != JPEG_EXTENDED {
         return Ok(obj);
     }
-    let int = |t| {
-        obj.element_opt(t)
-            .ok()
-            .flatten()
-            .and_then(|e| e.to_int::<usize>().ok())
-    };
-    let frames = int(tags::NUMBER_OF_FRAMES).unwrap_or(1).max(1);
+    let int = |t| int_attr(&obj, t);
     let (rows, cols) = (
         int(tags::ROWS).unwrap_or(0),
         int(tags::COLUMNS).unwrap_or(0),
     );
     let spp = int(tags::SAMPLES_PER_PIXEL).unwrap_or(1).max(1);
-    let Some(fragments) = obj
-        .element_opt(tags::PIXEL_DATA)
-        .ok()
-        .flatten()
-        .and_then(|px| px.fragments())
+    let Some(streams) =
+        frame_streams(&obj).map_err(|why| DecodeError::Pixels(format!("JPEG: {why}")))?
     else {
         return Ok(obj);
-    };
-    let streams: Vec<Vec<u8>> = if fragments.len() == frames {
-        fragments.iter().map(|f| f.to_vec()).collect()
-    } else if frames == 1 {
-        vec![fragments.iter().flatten().copied().collect()]
-    } else {
-        return Err(DecodeError::Pixels(
-            "JPEG: several fragments per frame in a multi-frame image".into(),
-        ));
     };
     if streams
         .first()
@@ -603,25 +614,9 @@ mod rle {
         if obj.meta().transfer_syntax().trim_end_matches('\0') != RLE {
             return Ok(obj);
         }
-        let int = |t| {
-            obj.element_opt(t)
-                .ok()
-                .flatten()
-                .and_then(|e| e.to_int::<usize>().ok())
-        };
-        let frames = int(tags::NUMBER_OF_FRAMES).unwrap_or(1).max(1);
-        let Ok(Some(px)) = obj.element_opt(tags::PIXEL_DATA) else {
+        let int = |t| super::int_attr(&obj, t);
+        let Some(streams) = super::frame_streams(&obj).map_err(|why| bad(&why))? else {
             return Ok(obj);
-        };
-        let Some(fragments) = px.fragments() else {
-            return Ok(obj);
-        };
-        let streams: Vec<Vec<u8>> = if fragments.len() == frames {
-            fragments.iter().map(|f| f.to_vec()).collect()
-        } else if frames == 1 {
-            vec![fragments.iter().flatten().copied().collect()]
-        } else {
-            return Err(bad("several fragments per frame in a multi-frame image"));
         };
         let (rows, cols) = (
             int(tags::ROWS).unwrap_or(0),
