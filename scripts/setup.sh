@@ -7,6 +7,7 @@
 #   .venv/               (with --test) Python tools the tests call: FHIR R4 validators, DICOM
 #                        clients, reference decoders.
 #   tests/fhir/node_modules  (with --test) the official FHIR R4 JSON schema validator.
+#   haproxy              (with --test) Debian's HAProxy, for the scale-out test (apt-get).
 #   dcmtk                (with --test) Debian's dcmtk (storescu/echoscu), a real DIMSE peer for
 #                        the tests; installed with apt-get (needs root or sudo) when missing.
 # Usage: scripts/setup.sh [--test] [--gpu]
@@ -80,6 +81,16 @@ if [ "$want_test" = 1 ]; then
     $SUDO update-rc.d orthanc disable >/dev/null 2>&1 || true
   fi
   # --- end Orthanc ---------------------------------------------------------------------------
+  # --- HAProxy (tests/durability.rs runs replicas behind it with docker/haproxy.cfg) ---------
+  if ! command -v haproxy >/dev/null 2>&1; then
+    echo "setup: installing haproxy (apt-get)" >&2
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get install -y -q haproxy >/dev/null 2>&1 \
+      || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q haproxy >/dev/null; }
+    $SUDO service haproxy stop >/dev/null 2>&1 || true
+    if [ -d /run/systemd/system ]; then $SUDO systemctl disable --now haproxy >/dev/null 2>&1 || true; fi
+    $SUDO update-rc.d haproxy disable >/dev/null 2>&1 || true
+  fi
   if [ ! -x .venv/bin/python ] || ! cmp -s tests/requirements.txt .venv/.requirements 2>/dev/null; then
     echo "setup: creating .venv with tests/requirements.txt" >&2
     "$PY" -m venv .venv

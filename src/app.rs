@@ -7,7 +7,8 @@ use crate::inference::Registry;
 use crate::ingest::Ingest;
 use crate::risk::{RiskService, RiskSettings};
 use crate::store::fhir::Stored;
-use crate::store::Store;
+use crate::store::{Job, JobState, NewJob, Store};
+use crate::worker::JobError;
 
 /// What handlers can reach.
 #[derive(Clone)]
@@ -73,6 +74,7 @@ impl AppState {
         risk: &RiskSettings,
     ) -> Result<Self, String> {
         let risk = RiskService::new(&models.tabular, risk)?.map(Arc::new);
+        let store = store.with_fhir_triggers(fhir_triggers(risk.clone()));
         Ok(Self {
             models,
             store,
@@ -91,70 +93,199 @@ impl AppState {
         self
     }
 
-    /// Runs what stored FHIR resources trigger: a new risk assessment for each patient whose
-    /// features changed. Failures are logged (without patient identifiers), never answered:
-    /// the resources themselves are already stored.
+    /// Waits (up to the configured sync wait) for the jobs that stored FHIR resources
+    /// started, and says what they produced. The jobs were enqueued with the resources and
+    /// go on after the wait.
     pub async fn fhir_written(&self, written: &[Stored]) -> Triggered {
         self.fhir_written_within(written, self.sync_wait).await
     }
 
-    /// [`Self::fhir_written`] with an explicit wait for imaging analyses.
+    /// [`Self::fhir_written`] with an explicit wait.
     pub async fn fhir_written_within(
         &self,
         written: &[Stored],
         wait: std::time::Duration,
     ) -> Triggered {
         let mut out = Triggered::default();
-        let studies: Vec<&Stored> = written
-            .iter()
-            .filter(|s| s.resource_type == "ImagingStudy")
-            .collect();
-        // the other resources of the request, where an Endpoint or an image may be (built
-        // only when there is an ImagingStudy to analyse)
-        let bundle: Arc<std::collections::HashMap<String, serde_json::Value>> =
-            Arc::new(if studies.is_empty() {
-                Default::default()
-            } else {
+        let jobs = self
+            .risk
+            .as_ref()
+            .map_or_else(Vec::new, |r| crate::risk::affected_patients(r, written))
+            .into_iter()
+            .map(|p| ("risk", p))
+            .chain(
                 written
                     .iter()
-                    .map(|s| (format!("{}/{}", s.resource_type, s.id), s.body.clone()))
-                    .collect()
-            });
-        for study in studies {
-            let (state, study, bundle) = (self.clone(), study.clone(), bundle.clone());
-            let mut job = tokio::spawn(async move {
-                crate::trigger::analyse_imaging_study(&state, &study, &bundle).await
-            });
-            match tokio::time::timeout(wait, &mut job).await {
-                Ok(Ok(Ok(stored))) => out.reports.extend(
-                    stored
-                        .iter()
-                        .filter(|s| s.resource_type == "DiagnosticReport")
-                        .map(|s| format!("DiagnosticReport/{}", s.id)),
-                ),
-                Ok(Ok(Err(why))) => {
-                    tracing::info!("ImagingStudy without analysis: {why}");
-                    out.notes.push(why);
-                }
-                Ok(Err(e)) => out.notes.push(format!("analysis task failed: {e}")),
-                Err(_) => out.notes.push(format!(
-                    "analysis still running after {} s; its DiagnosticReport will reference the ImagingStudy",
-                    wait.as_secs()
-                )),
-            }
+                    .filter(|s| s.resource_type == "ImagingStudy")
+                    .map(|s| ("imaging-study", format!("ImagingStudy/{}", s.id))),
+            )
+            .collect::<Vec<_>>();
+        if jobs.is_empty() {
+            return out;
         }
-        let Some(risk) = &self.risk else { return out };
-        for patient in crate::risk::affected_patients(risk, written) {
-            match risk.assess_patient(&self.store, &patient, true).await {
-                Ok(Some(w)) => {
-                    if let Some(ra) = w.iter().find(|s| s.resource_type == "RiskAssessment") {
-                        tracing::info!(risk_assessment = %ra.id, "risk assessed");
+        self.ingest.wake().notify_one();
+        let deadline = tokio::time::Instant::now() + wait;
+        for (kind, subject) in jobs {
+            let job = loop {
+                let job = match self
+                    .store
+                    .jobs(None, Some(kind), Some(&subject), 1, 0)
+                    .await
+                {
+                    Ok(mut j) => j.pop(),
+                    Err(e) => {
+                        out.notes.push(format!("cannot read the job queue: {e}"));
+                        break None;
+                    }
+                };
+                let finished = job
+                    .as_ref()
+                    .is_some_and(|j| j.state == "done" || j.state == "dead");
+                if finished || tokio::time::Instant::now() >= deadline {
+                    break job;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            };
+            let Some(job) = job else { continue };
+            let result = job.result.clone().unwrap_or_default();
+            match (JobState::parse(&job.state), kind) {
+                (Some(JobState::Done), "imaging-study") => {
+                    if let Some(r) = result["reports"].as_array() {
+                        out.reports
+                            .extend(r.iter().filter_map(|v| v.as_str().map(str::to_string)));
+                    }
+                    if let Some(n) = result["note"].as_str() {
+                        out.notes.push(n.to_string());
                     }
                 }
-                Ok(None) => {}
-                Err(e) => tracing::info!("no risk assessment: {e}"),
+                (Some(JobState::Done), _) => {}
+                (Some(JobState::Dead), _) => out.notes.push(format!(
+                    "{kind} job {} failed: {}",
+                    job.id,
+                    job.last_error.unwrap_or_default()
+                )),
+                _ if kind == "imaging-study" => out.notes.push(format!(
+                    "analysis still running after {} s (job {}); its DiagnosticReport will reference the ImagingStudy",
+                    wait.as_secs(),
+                    job.id
+                )),
+                _ => {}
             }
         }
         out
     }
+
+    /// The job workers of this process, running every kind of job through [`Self::run_job`].
+    pub fn worker(&self) -> crate::worker::Worker {
+        let app = self.clone();
+        let handler: crate::worker::Handler = Arc::new(move |job| {
+            let app = app.clone();
+            Box::pin(async move { app.run_job(&job).await })
+        });
+        crate::worker::Worker::new(
+            self.store.clone(),
+            self.ingest.job_settings().clone(),
+            handler,
+            self.ingest.wake(),
+        )
+    }
+
+    /// Runs one job from the queue (the server's worker handler).
+    ///
+    /// # Errors
+    /// [`JobError`]: retried or dead as it says.
+    pub async fn run_job(&self, job: &Job) -> Result<serde_json::Value, JobError> {
+        match job.kind.as_str() {
+            "analyse" => self.ingest.run_job(job).await,
+            "imaging-study" => self.run_imaging_study(job).await,
+            "risk" => {
+                let Some(risk) = &self.risk else {
+                    return Ok(serde_json::json!({"note": "no risk model is loaded"}));
+                };
+                match risk.assess_patient(&self.store, &job.subject, true).await {
+                    Ok(Some(w)) => Ok(serde_json::json!({
+                        "written": w.iter().map(|s| format!("{}/{}", s.resource_type, s.id)).collect::<Vec<_>>()
+                    })),
+                    Ok(None) => Ok(serde_json::json!({"note": "features unchanged"})),
+                    Err(e) => Ok(serde_json::json!({"note": format!("no risk assessment: {e}")})),
+                }
+            }
+            other => Err(JobError::Fatal(format!("unknown job kind '{other}'"))),
+        }
+    }
+
+    async fn run_imaging_study(&self, job: &Job) -> Result<serde_json::Value, JobError> {
+        let retry = |e: crate::store::StoreError| JobError::Retry(e.to_string());
+        let (ty, id) = job
+            .subject
+            .split_once('/')
+            .ok_or_else(|| JobError::Fatal(format!("bad subject {}", job.subject)))?;
+        let Some(study) = self.store.fhir_read(ty, id, None).await.map_err(retry)? else {
+            return Err(JobError::Fatal(format!("{} is not stored", job.subject)));
+        };
+        // the other resources of the request (an Endpoint, a Binary or Media with the image)
+        let mut bundle = std::collections::HashMap::new();
+        for r in job.payload["with"].as_array().into_iter().flatten() {
+            let Some((t, i)) = r.as_str().and_then(|r| r.split_once('/')) else {
+                continue;
+            };
+            if let Some(s) = self.store.fhir_read(t, i, None).await.map_err(retry)? {
+                bundle.insert(format!("{t}/{i}"), s.body);
+            }
+        }
+        match crate::trigger::analyse_imaging_study(self, &study, &bundle).await {
+            Ok(stored) => Ok(serde_json::json!({
+                "reports": stored
+                    .iter()
+                    .filter(|s| s.resource_type == "DiagnosticReport")
+                    .map(|s| format!("DiagnosticReport/{}", s.id))
+                    .collect::<Vec<_>>()
+            })),
+            Err(why) => {
+                tracing::info!("ImagingStudy without analysis: {why}");
+                Ok(serde_json::json!({ "reports": [], "note": why }))
+            }
+        }
+    }
+}
+
+/// The jobs stored FHIR resources start: an analysis per ImagingStudy version (with the
+/// request's other resources, where its Endpoint or image may be), a risk assessment per
+/// patient whose features may have changed.
+fn fhir_triggers(risk: Option<Arc<RiskService>>) -> crate::store::FhirTriggers {
+    Arc::new(move |written: &[Stored]| {
+        let mut jobs = Vec::new();
+        let studies: Vec<&Stored> = written
+            .iter()
+            .filter(|s| s.resource_type == "ImagingStudy")
+            .collect();
+        if !studies.is_empty() {
+            let with: Vec<String> = written
+                .iter()
+                .filter(|s| s.resource_type != "ImagingStudy")
+                .map(|s| format!("{}/{}", s.resource_type, s.id))
+                .collect();
+            for s in studies {
+                jobs.push(NewJob {
+                    kind: "imaging-study".into(),
+                    subject: format!("ImagingStudy/{}", s.id),
+                    payload: serde_json::json!({ "version": s.version, "with": with }),
+                    dedupe: Some(format!("imaging-study:{}:{}", s.id, s.version)),
+                    max_attempts: 5,
+                });
+            }
+        }
+        if let Some(r) = &risk {
+            for p in crate::risk::affected_patients(r, written) {
+                jobs.push(NewJob {
+                    kind: "risk".into(),
+                    subject: p,
+                    payload: serde_json::json!({}),
+                    dedupe: None,
+                    max_attempts: 5,
+                });
+            }
+        }
+        jobs
+    })
 }

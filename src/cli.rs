@@ -57,6 +57,10 @@ pub struct Common {
     /// DICOM AE title (default CARINA).
     #[arg(long)]
     pub ae_title: Option<String>,
+    /// Database: postgres://user@host/db (shared by replicas) or sqlite://FILE (default: SQLite
+    /// carina.db in the data folder).
+    #[arg(long)]
+    pub database_url: Option<String>,
 }
 
 /// `carina predict` arguments.
@@ -103,6 +107,9 @@ impl Common {
         }
         if let Some(v) = &self.ae_title {
             s.dicom.ae_title = v.clone();
+        }
+        if let Some(v) = &self.database_url {
+            s.database_url = Some(v.clone());
         }
         Ok(s)
     }

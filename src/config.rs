@@ -41,6 +41,58 @@ pub struct Settings {
     pub dicom: DicomSettings,
     /// ICU-risk assessment (`[risk]`).
     pub risk: crate::risk::RiskSettings,
+    /// Database URL: `postgres://…` for a database shared by replicas; unset = the embedded
+    /// SQLite file `carina.db` in the data folder.
+    pub database_url: Option<String>,
+    /// The job queue (`[jobs]`).
+    pub jobs: JobsSettings,
+}
+
+/// `[jobs]`: workers, leases, retries and backpressure.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobsSettings {
+    /// Worker loops in this process.
+    pub workers: usize,
+    /// Lease length in seconds (renewed while a job runs; a crashed replica's jobs are taken
+    /// over after it).
+    pub lease_secs: u64,
+    /// Attempts before a job is dead.
+    pub max_attempts: i64,
+    /// First retry delay in seconds (doubles per attempt, at most 10 minutes).
+    pub backoff_secs: u64,
+    /// Unfinished jobs above which new work is refused (503 + Retry-After, DIMSE A700).
+    pub max_backlog: i64,
+    /// Seconds a running job may go on after a shutdown signal before its lease is released.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for JobsSettings {
+    fn default() -> Self {
+        Self {
+            workers: 2,
+            lease_secs: 60,
+            max_attempts: 5,
+            backoff_secs: 2,
+            max_backlog: 10_000,
+            shutdown_grace_secs: 20,
+        }
+    }
+}
+
+impl JobsSettings {
+    /// Worker settings with a fresh lease owner name.
+    pub fn worker(&self) -> crate::worker::JobSettings {
+        crate::worker::JobSettings {
+            owner: crate::worker::default_owner(),
+            concurrency: self.workers.max(1),
+            lease: std::time::Duration::from_secs(self.lease_secs.max(3)),
+            poll: std::time::Duration::from_millis(500),
+            backoff: std::time::Duration::from_secs(self.backoff_secs.max(1)),
+            max_attempts: self.max_attempts.max(1),
+            grace: std::time::Duration::from_secs(self.shutdown_grace_secs),
+        }
+    }
 }
 
 /// `[dicom]`: DIMSE service, storage limits and routing.
@@ -104,6 +156,8 @@ impl Default for Settings {
             public_url: None,
             dicom: DicomSettings::default(),
             risk: crate::risk::RiskSettings::default(),
+            database_url: None,
+            jobs: JobsSettings::default(),
         }
     }
 }
@@ -219,6 +273,24 @@ impl Settings {
         }
         if let Some(v) = get("CARINA_AE_TITLE") {
             self.dicom.ae_title = v;
+        }
+        if let Some(v) = get("CARINA_DATABASE_URL") {
+            self.database_url = Some(v).filter(|v| !v.is_empty());
+        }
+        if let Some(v) = get("CARINA_WORKERS") {
+            self.jobs.workers = parse("CARINA_WORKERS", &v)?;
+        }
+        if let Some(v) = get("CARINA_JOB_LEASE_SECS") {
+            self.jobs.lease_secs = parse("CARINA_JOB_LEASE_SECS", &v)?;
+        }
+        if let Some(v) = get("CARINA_JOB_MAX_ATTEMPTS") {
+            self.jobs.max_attempts = parse("CARINA_JOB_MAX_ATTEMPTS", &v)?;
+        }
+        if let Some(v) = get("CARINA_JOB_BACKOFF_SECS") {
+            self.jobs.backoff_secs = parse("CARINA_JOB_BACKOFF_SECS", &v)?;
+        }
+        if let Some(v) = get("CARINA_MAX_BACKLOG") {
+            self.jobs.max_backlog = parse("CARINA_MAX_BACKLOG", &v)?;
         }
         if let Some(v) = get("CARINA_MIN_FREE_MB") {
             self.dicom.min_free_mb = parse("CARINA_MIN_FREE_MB", &v)?;

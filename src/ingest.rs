@@ -23,7 +23,8 @@ use crate::dicom::{parse_instance, status, InstanceIndex, ParseError};
 use crate::imaging::MediaType;
 use crate::inference::Registry;
 use crate::pipeline::{self, AnalyseError, Analysis};
-use crate::store::{Source, Store, StoreError};
+use crate::store::{Job, NewJob, Source, Store, StoreError};
+use crate::worker::{JobError, JobSettings, Worker};
 
 /// Why an instance was not stored, with its DICOM status.
 #[derive(Debug, thiserror::Error)]
@@ -41,8 +42,8 @@ pub enum IngestError {
         /// The instance's attributes.
         index: Box<InstanceIndex>,
     },
-    /// Not enough free disk space.
-    #[error("out of storage space: {0}")]
+    /// Not enough free disk space, or too many jobs waiting (backpressure).
+    #[error("out of resources: {0}")]
     OutOfResources(String),
     /// Database or file system failure.
     #[error("storage failed: {0}")]
@@ -57,6 +58,7 @@ impl IngestError {
             Self::StudyMismatch { .. } => status::DATASET_MISMATCH,
             Self::OutOfResources(_) => status::OUT_OF_RESOURCES,
             Self::Store(StoreError::Io(_)) => status::OUT_OF_RESOURCES,
+            Self::Store(e) if e.is_unavailable() => status::OUT_OF_RESOURCES,
             Self::Store(_) => status::PROCESSING_FAILURE,
         }
     }
@@ -79,6 +81,8 @@ pub struct Accepted {
     pub index: InstanceIndex,
     /// `false` when the SOP Instance UID was already stored (nothing was written).
     pub new: bool,
+    /// The analysis job enqueued with it (claimed by this process for `receive_claimed`).
+    pub job: Option<String>,
 }
 
 /// Why an analysis did not happen.
@@ -114,6 +118,8 @@ pub struct Ingest {
     public_url: Option<String>,
     wake: Arc<Notify>,
     exporter: Option<Exporter>,
+    jobs: Arc<JobSettings>,
+    max_backlog: i64,
 }
 
 impl Ingest {
@@ -141,6 +147,38 @@ impl Ingest {
             public_url,
             wake: Arc::new(Notify::new()),
             exporter: None,
+            jobs: Arc::new(JobSettings::default()),
+            max_backlog: 10_000,
+        }
+    }
+
+    /// Sets how jobs are leased and retried, and the backlog above which new work is refused
+    /// (503 + Retry-After over HTTP, A700 over DIMSE).
+    #[must_use]
+    pub fn with_jobs(mut self, jobs: JobSettings, max_backlog: i64) -> Self {
+        self.jobs = Arc::new(jobs);
+        self.max_backlog = max_backlog;
+        self
+    }
+
+    /// The job settings.
+    pub fn job_settings(&self) -> &JobSettings {
+        &self.jobs
+    }
+
+    /// Wakes this process's idle workers (a job was enqueued).
+    pub fn wake(&self) -> Arc<Notify> {
+        self.wake.clone()
+    }
+
+    /// The analysis job of an instance.
+    fn analyse_job(&self, sop: &str, model: Option<&str>) -> NewJob {
+        NewJob {
+            kind: "analyse".into(),
+            subject: sop.to_string(),
+            payload: model.map_or(serde_json::json!({}), |m| serde_json::json!({ "model": m })),
+            dedupe: Some(format!("analyse:{sop}")),
+            max_attempts: self.jobs.max_attempts,
         }
     }
 
@@ -161,6 +199,26 @@ impl Ingest {
         self.store
             .free_bytes()
             .is_none_or(|free| free >= self.min_free_bytes)
+    }
+
+    /// Why new work cannot be accepted now (disk below the watermark, job backlog at its
+    /// limit), or `None`.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the backlog cannot be read (the database is down).
+    pub async fn refusal(&self) -> Result<Option<String>, StoreError> {
+        if !self.has_space() {
+            return Ok(Some(
+                "free space in the data folder is below the configured minimum".into(),
+            ));
+        }
+        let backlog = self.store.backlog().await?;
+        Ok((backlog >= self.max_backlog).then(|| {
+            format!(
+                "{backlog} jobs are waiting (limit {}); try again later",
+                self.max_backlog
+            )
+        }))
     }
 
     /// Stores an instance and queues its analysis. `expected_study` is the study named in a
@@ -190,8 +248,17 @@ impl Ingest {
             Decision::Analyse { model, .. } => ("pending", Some(format!("routed to {model}"))),
             Decision::Skip(why) => ("skipped", Some(why)),
         };
+        let job =
+            (state == "pending").then(|| self.analyse_job(&parsed.index.sop_instance_uid, None));
         let accepted = self
-            .store_parsed(parsed, source, state, reason.as_deref(), None)
+            .store_parsed(
+                parsed,
+                source,
+                state,
+                reason.as_deref(),
+                None,
+                job.as_ref().map(|j| (j, None)),
+            )
             .await?;
         if accepted.new && state == "pending" {
             self.wake.notify_one();
@@ -199,8 +266,9 @@ impl Ingest {
         Ok(accepted)
     }
 
-    /// Stores an instance for an analysis the caller runs now ([`Self::process`]): its state
-    /// starts as `running`, so the worker leaves it alone (a crash puts it back to `pending`).
+    /// Stores an instance for an analysis the caller runs now ([`Self::process_claimed`]): its
+    /// job is enqueued already leased to this process, so workers leave it alone (after a crash
+    /// the lease expires and a worker runs it).
     ///
     /// # Errors
     /// As [`Self::receive`].
@@ -212,8 +280,52 @@ impl Ingest {
         let parsed = tokio::task::spawn_blocking(move || parse_instance(&bytes))
             .await
             .map_err(|e| IngestError::Parse(ParseError::Unreadable(e.to_string())))??;
-        self.store_parsed(parsed, source, "running", Some("analysis requested"), None)
-            .await
+        let job = self.analyse_job(&parsed.index.sop_instance_uid, None);
+        let lease = (self.jobs.owner.as_str(), self.jobs.lease);
+        self.store_parsed(
+            parsed,
+            source,
+            "running",
+            Some("analysis requested"),
+            None,
+            Some((&job, Some(lease))),
+        )
+        .await
+    }
+
+    /// Analyses an instance stored by [`Self::receive_claimed`] now and finishes its job.
+    ///
+    /// # Errors
+    /// As [`Self::process`].
+    pub async fn process_claimed(
+        &self,
+        accepted: &Accepted,
+        model: Option<&str>,
+    ) -> Result<Analysis, ProcessError> {
+        let result = self.process(&accepted.index.sop_instance_uid, model).await;
+        if let Some(job) = &accepted.job {
+            let owner = &self.jobs.owner;
+            let recorded = match &result {
+                Ok(a) => self.store.finish_job(job, owner, &analysis_result(a)).await,
+                Err(ProcessError::Skipped(why)) => {
+                    let r = serde_json::json!({ "skipped": why });
+                    self.store.finish_job(job, owner, &r).await
+                }
+                Err(e) => {
+                    let retry = matches!(e, ProcessError::Store(_));
+                    let msg = e.to_string();
+                    let backoff = self.jobs.backoff;
+                    self.store
+                        .fail_job(job, owner, &msg, retry, backoff)
+                        .await
+                        .map(|_| true)
+                }
+            };
+            if let Err(e) = recorded {
+                tracing::warn!(error = %e, "cannot record the analysis job outcome");
+            }
+        }
+        result
     }
 
     async fn store_parsed(
@@ -223,66 +335,65 @@ impl Ingest {
         state: &str,
         reason: Option<&str>,
         result_of: Option<&str>,
+        job: Option<(&NewJob, Option<(&str, Duration)>)>,
     ) -> Result<Accepted, IngestError> {
         let ix = parsed.index;
         if self.store.instance(&ix.sop_instance_uid).await?.is_some() {
             return Ok(Accepted {
                 index: ix,
                 new: false,
+                job: None,
             });
         }
-        if !self.has_space() {
-            return Err(IngestError::OutOfResources(
-                "free space in the data folder is below the configured minimum".into(),
-            ));
+        // Carina's own results are always kept: refusing them would lose finished work
+        if result_of.is_none() {
+            if let Some(why) = self.refusal().await? {
+                return Err(IngestError::OutOfResources(why));
+            }
         }
         let size = parsed.part10.len();
         self.store.put_instance_file(&ix, parsed.part10).await?;
-        let new = self
+        let (new, job_id) = self
             .store
-            .insert_instance(&ix, size, source, state, reason, result_of, None)
+            .insert_instance(&ix, size, source, state, reason, result_of, job)
             .await?;
-        Ok(Accepted { index: ix, new })
+        Ok(Accepted {
+            index: ix,
+            new,
+            job: job_id,
+        })
     }
 
-    /// Runs the worker: analyses pending instances until `stop` resolves. Instances left
-    /// `running` by a crash are queued again first.
-    pub async fn run_worker(self, stop: impl std::future::Future<Output = ()>) {
-        tokio::pin!(stop);
-        if let Err(e) = self.store.requeue_running().await {
-            tracing::error!(error = %e, "cannot requeue interrupted analyses");
-        }
-        loop {
-            let batch = match self.store.claim_pending(8).await {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot claim pending analyses");
-                    Vec::new()
-                }
-            };
-            for sop in &batch {
-                self.process_logged(sop, None).await;
-            }
-            if batch.is_empty() {
-                tokio::select! {
-                    () = &mut stop => return,
-                    () = self.wake.notified() => {}
-                    () = tokio::time::sleep(Duration::from_secs(5)) => {}
-                }
-            }
-        }
+    /// Runs job workers that handle analysis jobs only (the server's workers handle every
+    /// kind, see `AppState::run_job`) until `stop` resolves.
+    pub async fn run_worker(self, stop: impl std::future::Future<Output = ()> + Send + 'static) {
+        let this = self.clone();
+        let handler: crate::worker::Handler = Arc::new(move |job: Job| {
+            let this = this.clone();
+            Box::pin(async move { this.run_job(&job).await })
+        });
+        Worker::new(
+            self.store.clone(),
+            (*self.jobs).clone(),
+            handler,
+            self.wake.clone(),
+        )
+        .run_until(stop)
+        .await;
     }
 
-    async fn process_logged(&self, sop: &str, model: Option<&str>) {
-        let job = Uuid::new_v4();
-        match self.process(sop, model).await {
-            Ok(a) => {
-                tracing::info!(%job, analysis = %a.id, label = a.label_key(), "instance analysed");
-            }
-            Err(ProcessError::Skipped(why)) => {
-                tracing::info!(%job, reason = %why, "instance not analysed");
-            }
-            Err(e) => tracing::warn!(%job, error = %e, "instance analysis failed"),
+    /// Runs an `analyse` job: the analysis of one stored instance.
+    ///
+    /// # Errors
+    /// [`JobError::Retry`] for storage trouble, [`JobError::Fatal`] when the analysis itself
+    /// failed (the instance's state says why).
+    pub async fn run_job(&self, job: &Job) -> Result<serde_json::Value, JobError> {
+        let model = job.payload.get("model").and_then(|m| m.as_str());
+        match self.process(&job.subject, model).await {
+            Ok(a) => Ok(analysis_result(&a)),
+            Err(ProcessError::Skipped(why)) => Ok(serde_json::json!({ "skipped": why })),
+            Err(e @ ProcessError::Store(_)) => Err(JobError::Retry(e.to_string())),
+            Err(e) => Err(JobError::Fatal(e.to_string())),
         }
     }
 
@@ -377,6 +488,7 @@ impl Ingest {
                     "skipped",
                     Some("Carina result (Secondary Capture): not analysed"),
                     Some(sop),
+                    None,
                 )
                 .await
                 .map_err(|e| match e {
@@ -390,4 +502,13 @@ impl Ingest {
         }
         Ok(analysis)
     }
+}
+
+/// The result recorded for a finished analysis job.
+fn analysis_result(a: &Analysis) -> serde_json::Value {
+    serde_json::json!({
+        "analysis": a.id.to_string(),
+        "model": a.model.manifest.name,
+        "label": a.label_key(),
+    })
 }

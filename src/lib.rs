@@ -14,7 +14,9 @@
 //! - [`fhir`]: the FHIR R4 server: validation, REST interactions, Bundles, search, capability.
 //! - [`risk`]: lab Observations → features → ICU-risk prediction → RiskAssessment.
 //! - [`trigger`]: what a stored ImagingStudy starts: finding its pixels, analysing them.
-//! - [`store`]: SQL (sqlx) and blob files.
+//! - [`worker`]: job workers: leased jobs from the database queue, retries, dead letters.
+//! - [`store`]: SQL (sqlx, SQLite or PostgreSQL) and blob files.
+//! - [`metrics`]: Prometheus metrics.
 
 pub mod api;
 pub mod app;
@@ -25,9 +27,11 @@ pub mod fhir;
 pub mod imaging;
 pub mod inference;
 pub mod ingest;
+pub mod metrics;
 pub mod pipeline;
 pub mod render;
 pub mod report;
 pub mod risk;
 pub mod store;
 pub mod trigger;
+pub mod worker;

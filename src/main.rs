@@ -16,12 +16,22 @@ use carina::ingest::Ingest;
 use carina::store::Store;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,ort=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // JSON lines by default (CARINA_LOG_FORMAT=text for people); spans carry request and job
+    // ids; nothing logged names a patient.
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,ort=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("CARINA_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("text")) {
+        builder.init();
+    } else {
+        builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init();
+    }
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Serve(common) => serve(common),
@@ -51,7 +61,8 @@ fn serve(common: &Common) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let store = Store::open(&settings.data_dir).await?;
+        let store = Store::connect(settings.database_url.as_deref(), &settings.data_dir).await?;
+        tracing::info!(database = ?store.dialect(), "store open");
         let interrupted = store.async_interrupted().await?;
         if interrupted > 0 {
             tracing::warn!(interrupted, "asynchronous FHIR requests interrupted by the last stop (their resources are stored)");
@@ -68,7 +79,8 @@ fn serve(common: &Common) -> anyhow::Result<()> {
             settings.dicom.min_free_mb,
             settings.public_url.clone(),
         )
-        .with_exporter(exporter.clone());
+        .with_exporter(exporter.clone())
+        .with_jobs(settings.jobs.worker(), settings.jobs.max_backlog);
         let state = AppState::with_risk(
             models,
             store,
@@ -84,7 +96,12 @@ fn serve(common: &Common) -> anyhow::Result<()> {
             let mut rx = rx;
             let _ = rx.wait_for(|v| *v).await;
         };
-        let worker = tokio::spawn(ingest.clone().run_worker(stopped(stop_rx.clone())));
+        let grace = ingest.job_settings().grace + std::time::Duration::from_secs(5);
+        let worker = {
+            let w = state.worker();
+            tracing::info!(owner = %ingest.job_settings().owner, workers = ingest.job_settings().concurrency, "job workers started");
+            tokio::spawn(w.run(stop_rx.clone()))
+        };
         tokio::spawn(exporter.run(stopped(stop_rx.clone())));
         if let Some(addr) = settings.dicom.dimse {
             let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -99,14 +116,15 @@ fn serve(common: &Common) -> anyhow::Result<()> {
         }
         let listener = tokio::net::TcpListener::bind(settings.http).await?;
         tracing::info!(addr = %listener.local_addr()?, "carina listening");
-        axum::serve(listener, api::router(state))
+        axum::serve(listener, api::router(state.clone()))
             .with_graceful_shutdown(async move {
                 shutdown().await;
                 let _ = stop_tx.send(true);
             })
             .await?;
-        // the analysis worker finishes the batch it holds; unfinished ones resume at start-up
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(30), worker).await;
+        // no new requests now; workers finish their jobs or release the leases
+        let _ = tokio::time::timeout(grace, worker).await;
+        state.store.close().await;
         tracing::info!("carina stopped");
         Ok(())
     })

@@ -317,7 +317,7 @@ async fn analyse_attached(
             .map_err(|e| e.to_string())?;
         state
             .ingest
-            .process(&accepted.index.sop_instance_uid, None)
+            .process_claimed(&accepted, None)
             .await
             .map_err(|e| e.to_string())?
     } else {

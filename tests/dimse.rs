@@ -35,7 +35,7 @@ async fn scp(settings: DicomSettings, min_free_mb: u64) -> Scp {
 
 async fn scp_with_limit(settings: DicomSettings, min_free_mb: u64, max_instance: usize) -> Scp {
     let dir = tempfile::tempdir().unwrap();
-    let store = carina::store::Store::open(dir.path()).await.unwrap();
+    let store = common::store(dir.path()).await;
     let ingest = Ingest::new(store, registry_async().await, Vec::new(), min_free_mb, None);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

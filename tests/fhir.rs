@@ -47,13 +47,14 @@ async fn app_full(
     wait: std::time::Duration,
 ) -> (Router, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let store = carina::store::Store::open(dir.path()).await.unwrap();
+    let store = common::store(dir.path()).await;
     let models = tokio::task::spawn_blocking(shipped).await.unwrap();
     let ingest = carina::ingest::Ingest::new(store.clone(), models.clone(), Vec::new(), 0, None);
     let state = carina::app::AppState::with_risk(models, store, None, max_body, ingest, risk)
         .unwrap()
         .with_sync_wait(wait);
     assert!(state.risk.is_some(), "the shipped tabular model is loaded");
+    tokio::spawn(state.worker().run_until(std::future::pending()));
     (carina::api::router(state), dir)
 }
 

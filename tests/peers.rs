@@ -15,7 +15,7 @@ use carina::config::DicomSettings;
 use carina::dicom::dimse;
 use carina::dicom::export::{Destination, DestinationKind, Exporter};
 use carina::ingest::Ingest;
-use carina::store::{Source, Store};
+use carina::store::Source;
 
 use common::{registry_async, root};
 
@@ -38,7 +38,7 @@ impl Drop for Node {
 /// A whole Carina node on loopback ports: HTTP, DIMSE, analysis worker, exporter.
 async fn node(destinations: Vec<Destination>) -> Node {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).await.unwrap();
+    let store = common::store(dir.path()).await;
     let models = registry_async().await;
     let exporter = Exporter::new(store.clone(), destinations, "CARINA".into());
     let ingest = Ingest::new(store.clone(), models.clone(), Vec::new(), 0, None)
@@ -47,7 +47,7 @@ async fn node(destinations: Vec<Destination>) -> Node {
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let dimse_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (http_addr, dimse_addr) = (http.local_addr().unwrap(), dimse_l.local_addr().unwrap());
-    let router = carina::api::router(state);
+    let router = carina::api::router(state.clone());
     let tasks = vec![
         tokio::spawn(async move {
             axum::serve(http, router).await.unwrap();
@@ -59,7 +59,7 @@ async fn node(destinations: Vec<Destination>) -> Node {
             64 << 20,
             std::future::pending(),
         )),
-        tokio::spawn(ingest.clone().run_worker(std::future::pending())),
+        tokio::spawn(state.worker().run_until(std::future::pending())),
         tokio::spawn(exporter.run(std::future::pending())),
     ];
     Node {

@@ -73,7 +73,7 @@ pub async fn analyze(
         let accepted = state.ingest.receive_claimed(body, Source::Api).await?;
         state
             .ingest
-            .process(&accepted.index.sop_instance_uid, Some(&model.manifest.name))
+            .process_claimed(&accepted, Some(&model.manifest.name))
             .await?
     } else {
         let a = pipeline::analyse(model, body, media, move |id| {

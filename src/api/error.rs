@@ -111,6 +111,7 @@ impl From<crate::ingest::ProcessError> for ApiError {
                 Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", e.to_string())
             }
             E::NotFound => Self::not_found("instance"),
+            E::Store(s) => s.into(),
             other => Self::internal(other),
         }
     }
@@ -118,6 +119,14 @@ impl From<crate::ingest::ProcessError> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
+        if e.is_unavailable() {
+            tracing::warn!(error = %e, "database unavailable");
+            return Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "transient",
+                "the database is unavailable; try again later",
+            );
+        }
         Self::internal(e)
     }
 }

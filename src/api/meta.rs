@@ -13,7 +13,8 @@ pub async fn healthz() -> &'static str {
     "ok"
 }
 
-/// `GET /readyz`: models loaded and the database answers.
+/// `GET /readyz`: ready to take work when the database answers, both blob folders can be
+/// written and at least one image model is loaded (HAProxy health checks use it).
 pub async fn readyz(State(state): State<AppState>) -> Response {
     let models: Vec<String> = state
         .models
@@ -21,15 +22,24 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         .into_iter()
         .map(|m| m.name)
         .collect();
-    let ready = !state.models.image.is_empty() && state.store.ping().await;
+    let checks = [
+        ("database", state.store.ping().await),
+        ("blobs", state.store.blobs_writable().await),
+        ("models", !state.models.image.is_empty()),
+    ];
+    let ready = checks.iter().all(|(_, ok)| *ok);
     let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    let checks: serde_json::Map<String, serde_json::Value> = checks
+        .iter()
+        .map(|(k, ok)| ((*k).to_string(), json!(if *ok { "ok" } else { "failing" })))
+        .collect();
     (
         status,
-        Json(json!({"status": if ready { "ready" } else { "not ready" }, "models": models})),
+        Json(json!({"status": if ready { "ready" } else { "not ready" }, "checks": checks, "models": models})),
     )
         .into_response()
 }

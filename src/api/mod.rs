@@ -7,12 +7,12 @@ pub mod error;
 pub mod fhir;
 pub mod legacy;
 pub mod meta;
+pub mod ops;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::HeaderMap;
 use axum::routing::{get, post};
 use axum::Router;
-use tower_http::trace::TraceLayer;
 
 use crate::app::AppState;
 
@@ -25,6 +25,9 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(meta::openapi))
         .route("/healthz", get(meta::healthz))
         .route("/readyz", get(meta::readyz))
+        .route("/metrics", get(ops::metrics))
+        .route("/v1/jobs", get(ops::list))
+        .route("/v1/jobs/{id}", get(ops::get))
         .route("/v1/models", get(meta::models))
         .route("/v1/analyze", post(analyze::analyze))
         .route("/v1/results/{id}", get(analyze::result))
@@ -99,8 +102,25 @@ pub fn router(state: AppState) -> Router {
         .route("/static/source/{file}", get(legacy::source_image))
         .route("/static/result/{file}", get(legacy::result_image))
         .layer(DefaultBodyLimit::max(limit))
-        .layer(TraceLayer::new_for_http())
+        .route_layer(axum::middleware::from_fn(ops::observe))
         .with_state(state)
+}
+
+/// Refuses new work with 503 while it could not be kept (disk below the watermark, job backlog
+/// at its limit, database down); `Retry-After` is added to every 503.
+///
+/// # Errors
+/// The 503 to answer.
+pub async fn accepting(state: &AppState) -> Result<(), error::ApiError> {
+    match state.ingest.refusal().await {
+        Ok(None) => Ok(()),
+        Ok(Some(why)) => Err(error::ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "transient",
+            why,
+        )),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The base URL for links: the configured public URL, or `http://<Host>` of the request.

@@ -107,7 +107,11 @@ impl Exporter {
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
         tokio::pin!(stop);
         loop {
-            let due = match self.store.due_exports(Utc::now(), 16).await {
+            let due = match self
+                .store
+                .due_exports(Utc::now(), 16, chrono::Duration::minutes(2))
+                .await
+            {
                 Ok(d) => d,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the export queue");

@@ -47,6 +47,9 @@ impl From<StoreError> for FhirError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Conflict(m) => FhirError::Conflict(m),
+            e if e.is_unavailable() => {
+                FhirError::Unavailable(format!("the database is unavailable: {e}"))
+            }
             other => FhirError::Store(other),
         }
     }

@@ -61,6 +61,20 @@ impl BlobStore {
         result
     }
 
+    /// Checks the folder is writable: writes, syncs and removes a probe file.
+    ///
+    /// # Errors
+    /// On any I/O failure.
+    pub fn probe(&self) -> io::Result<()> {
+        let p = self.root.join(format!(".probe-{}", uuid::Uuid::new_v4()));
+        let r = File::create(&p).and_then(|mut f| {
+            f.write_all(b"ok")?;
+            f.sync_all()
+        });
+        let _ = fs::remove_file(&p);
+        r
+    }
+
     /// Free bytes available to this process on the file system holding the blobs.
     pub fn free_bytes(&self) -> Option<u64> {
         rustix::fs::statvfs(&self.root)

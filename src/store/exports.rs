@@ -2,7 +2,7 @@
 //! and destination, with attempts, the next attempt time and the last error.
 
 use chrono::{DateTime, Utc};
-use sqlx::sqlite::SqliteRow;
+use sqlx::any::AnyRow;
 use sqlx::Row;
 
 use super::{Store, StoreError};
@@ -26,7 +26,7 @@ pub struct ExportRow {
     pub updated: String,
 }
 
-fn row(r: &SqliteRow) -> Result<ExportRow, sqlx::Error> {
+fn row(r: &AnyRow) -> Result<ExportRow, sqlx::Error> {
     Ok(ExportRow {
         sop_instance_uid: r.try_get("sop_instance_uid")?,
         destination: r.try_get("destination")?,
@@ -52,7 +52,7 @@ impl Store {
         for d in destinations {
             sqlx::query(
                 "INSERT INTO dicom_exports (sop_instance_uid, destination, state, attempts, \
-                 next_attempt, updated) VALUES (?, ?, 'pending', 0, ?, ?) \
+                 next_attempt, updated) VALUES ($1, $2, 'pending', 0, $3, $4) \
                  ON CONFLICT (sop_instance_uid, destination) DO NOTHING",
             )
             .bind(sop)
@@ -65,7 +65,9 @@ impl Store {
         Ok(())
     }
 
-    /// Pending exports due at `now`, oldest first.
+    /// Claims pending exports due at `now`, oldest first: their next attempt moves `lease`
+    /// ahead, so another replica leaves them alone while this one sends them (a crash makes
+    /// them due again when the lease ends).
     ///
     /// # Errors
     /// [`StoreError::Db`].
@@ -73,11 +75,15 @@ impl Store {
         &self,
         now: DateTime<Utc>,
         limit: i64,
+        lease: chrono::Duration,
     ) -> Result<Vec<ExportRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT * FROM dicom_exports WHERE state = 'pending' AND next_attempt <= ? \
-             ORDER BY next_attempt LIMIT ?",
-        )
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE dicom_exports SET next_attempt = $1 WHERE (sop_instance_uid, destination) IN \
+             (SELECT sop_instance_uid, destination FROM dicom_exports WHERE state = 'pending' \
+             AND next_attempt <= $2 ORDER BY next_attempt LIMIT $3{}) RETURNING *",
+            self.dialect.skip_locked()
+        )))
+        .bind((now + lease).to_rfc3339())
         .bind(now.to_rfc3339())
         .bind(limit)
         .fetch_all(&self.pool)
@@ -113,8 +119,8 @@ impl Store {
         error: Option<&str>,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "UPDATE dicom_exports SET state = ?, attempts = ?, next_attempt = ?, last_error = ?, \
-             updated = ? WHERE sop_instance_uid = ? AND destination = ?",
+            "UPDATE dicom_exports SET state = $1, attempts = $2, next_attempt = $3, last_error = $4, \
+             updated = $5 WHERE sop_instance_uid = $6 AND destination = $7",
         )
         .bind(state)
         .bind(attempts)
@@ -139,8 +145,8 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<ExportRow>, StoreError> {
         let rows = sqlx::query(
-            "SELECT * FROM dicom_exports WHERE (? IS NULL OR sop_instance_uid = ?) \
-             AND (? IS NULL OR state = ?) ORDER BY updated DESC LIMIT ?",
+            "SELECT * FROM dicom_exports WHERE ($1 IS NULL OR sop_instance_uid = $2) \
+             AND ($3 IS NULL OR state = $4) ORDER BY updated DESC LIMIT $5",
         )
         .bind(sop)
         .bind(sop)

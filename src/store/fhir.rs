@@ -3,7 +3,9 @@
 //! database transaction.
 
 use serde_json::Value;
-use sqlx::{QueryBuilder, Row, Sqlite};
+use sqlx::Row;
+
+use super::sql::Sql;
 
 use super::{Store, StoreError};
 use crate::fhir::index::{self, Entry};
@@ -52,7 +54,7 @@ impl Store {
         let mut out = Vec::with_capacity(writes.len());
         for mut w in writes {
             let current: Option<i64> = sqlx::query_scalar(
-                "SELECT version_id FROM fhir_resources WHERE resource_type = ? AND id = ? AND is_current = 1",
+                "SELECT version_id FROM fhir_resources WHERE resource_type = $1 AND id = $2 AND is_current = 1",
             )
             .bind(&w.resource_type)
             .bind(&w.id)
@@ -80,7 +82,7 @@ impl Store {
                 }
             }
             sqlx::query(
-                "UPDATE fhir_resources SET is_current = 0 WHERE resource_type = ? AND id = ? AND is_current = 1",
+                "UPDATE fhir_resources SET is_current = 0 WHERE resource_type = $1 AND id = $2 AND is_current = 1",
             )
             .bind(&w.resource_type)
             .bind(&w.id)
@@ -88,7 +90,7 @@ impl Store {
             .await?;
             sqlx::query(
                 "INSERT INTO fhir_resources (resource_type, id, version_id, last_updated, is_current, body) \
-                 VALUES (?, ?, ?, ?, 1, ?)",
+                 VALUES ($1, $2, $3, $4, 1, $5)",
             )
             .bind(&w.resource_type)
             .bind(&w.id)
@@ -97,7 +99,7 @@ impl Store {
             .bind(serde_json::to_string(&w.body)?)
             .execute(&mut *tx)
             .await?;
-            sqlx::query("DELETE FROM fhir_index WHERE resource_type = ? AND id = ?")
+            sqlx::query("DELETE FROM fhir_index WHERE resource_type = $1 AND id = $2")
                 .bind(&w.resource_type)
                 .bind(&w.id)
                 .execute(&mut *tx)
@@ -110,7 +112,7 @@ impl Store {
             } in index::extract(&w.resource_type, &w.body)
             {
                 sqlx::query(
-                    "INSERT INTO fhir_index (resource_type, id, param, system, value, value_hi) VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO fhir_index (resource_type, id, param, system, value, value_hi) VALUES ($1, $2, $3, $4, $5, $6)",
                 )
                 .bind(&w.resource_type)
                 .bind(&w.id)
@@ -130,6 +132,11 @@ impl Store {
                 body: w.body,
             });
         }
+        if let Some(triggers) = &self.triggers {
+            for job in triggers(&out) {
+                Store::insert_job(&mut tx, &job, None).await?;
+            }
+        }
         tx.commit().await?;
         Ok(out)
     }
@@ -146,14 +153,14 @@ impl Store {
     ) -> Result<Option<Stored>, StoreError> {
         let row = match version {
             None => sqlx::query(
-                "SELECT version_id, last_updated, body FROM fhir_resources WHERE resource_type = ? AND id = ? AND is_current = 1",
+                "SELECT version_id, last_updated, body FROM fhir_resources WHERE resource_type = $1 AND id = $2 AND is_current = 1",
             )
             .bind(resource_type)
             .bind(id)
             .fetch_optional(&self.pool)
             .await?,
             Some(v) => sqlx::query(
-                "SELECT version_id, last_updated, body FROM fhir_resources WHERE resource_type = ? AND id = ? AND version_id = ?",
+                "SELECT version_id, last_updated, body FROM fhir_resources WHERE resource_type = $1 AND id = $2 AND version_id = $3",
             )
             .bind(resource_type)
             .bind(id)
@@ -183,23 +190,23 @@ impl Store {
         resource_type: &str,
         q: &SearchQuery,
     ) -> Result<(i64, Vec<Stored>), StoreError> {
-        let mut count = QueryBuilder::<Sqlite>::new(
+        let mut count = Sql::new(
             "SELECT COUNT(*) FROM fhir_resources r WHERE r.is_current = 1 AND r.resource_type = ",
         );
-        count.push_bind(resource_type.to_string());
+        count.bind(resource_type.to_string());
         push_where(&mut count, q);
-        let total: i64 = count.build_query_scalar().fetch_one(&self.pool).await?;
-        let mut page = QueryBuilder::<Sqlite>::new(
+        let total: i64 = count.fetch_scalar(&self.pool).await?;
+        let mut page = Sql::new(
             "SELECT r.id, r.version_id, r.last_updated, r.body FROM fhir_resources r \
              WHERE r.is_current = 1 AND r.resource_type = ",
         );
-        page.push_bind(resource_type.to_string());
+        page.bind(resource_type.to_string());
         push_where(&mut page, q);
         page.push(" ORDER BY r.last_updated DESC, r.id LIMIT ");
-        page.push_bind(i64::from(q.count));
+        page.bind(i64::from(q.count));
         page.push(" OFFSET ");
-        page.push_bind(i64::from(q.offset));
-        let rows = page.build().fetch_all(&self.pool).await?;
+        page.bind(i64::from(q.offset));
+        let rows = page.fetch_all(&self.pool).await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
             let body: String = r.try_get("body")?;
@@ -222,7 +229,7 @@ impl Store {
     /// [`StoreError::Db`].
     pub async fn risk_state(&self, patient: &str) -> Result<Option<String>, StoreError> {
         Ok(
-            sqlx::query_scalar("SELECT features FROM risk_state WHERE patient = ?")
+            sqlx::query_scalar("SELECT features FROM risk_state WHERE patient = $1")
                 .bind(patient)
                 .fetch_optional(&self.pool)
                 .await?,
@@ -235,7 +242,7 @@ impl Store {
     /// [`StoreError::Db`].
     pub async fn set_risk_state(&self, patient: &str, features: &str) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO risk_state (patient, features, updated) VALUES (?, ?, ?) \
+            "INSERT INTO risk_state (patient, features, updated) VALUES ($1, $2, $3) \
              ON CONFLICT (patient) DO UPDATE SET features = excluded.features, updated = excluded.updated",
         )
         .bind(patient)
@@ -248,7 +255,7 @@ impl Store {
 }
 
 /// Appends ` AND (…)` for each clause of `q`.
-fn push_where(b: &mut QueryBuilder<Sqlite>, q: &SearchQuery) {
+fn push_where(b: &mut Sql, q: &SearchQuery) {
     for clause in &q.clauses {
         b.push(" AND (");
         for (i, cond) in clause.iter().enumerate() {
@@ -261,18 +268,18 @@ fn push_where(b: &mut QueryBuilder<Sqlite>, q: &SearchQuery) {
     }
 }
 
-fn push_cond(b: &mut QueryBuilder<Sqlite>, cond: &Cond) {
-    let exists = |b: &mut QueryBuilder<Sqlite>, param: &str| {
+fn push_cond(b: &mut Sql, cond: &Cond) {
+    let exists = |b: &mut Sql, param: &str| {
         b.push(
             "EXISTS (SELECT 1 FROM fhir_index i WHERE i.resource_type = r.resource_type \
              AND i.id = r.id AND i.param = ",
         );
-        b.push_bind(param.to_string());
+        b.bind(param.to_string());
     };
     match cond {
         Cond::Id(id) => {
             b.push("r.id = ");
-            b.push_bind(id.clone());
+            b.bind(id.clone());
         }
         Cond::LastUpdated(prefix, lo, hi) => {
             // a lastUpdated instant t is the range [t, t]: compare as start = end = t
@@ -287,7 +294,7 @@ fn push_cond(b: &mut QueryBuilder<Sqlite>, cond: &Cond) {
             match system {
                 Some(Some(s)) => {
                     b.push(" AND i.system = ");
-                    b.push_bind(s.clone());
+                    b.bind(s.clone());
                 }
                 Some(None) => {
                     b.push(" AND i.system IS NULL");
@@ -296,14 +303,14 @@ fn push_cond(b: &mut QueryBuilder<Sqlite>, cond: &Cond) {
             }
             if let Some(c) = code {
                 b.push(" AND i.value = ");
-                b.push_bind(c.clone());
+                b.bind(c.clone());
             }
             b.push(")");
         }
         Cond::Reference { param, value } => {
             exists(b, param);
             b.push(" AND i.value = ");
-            b.push_bind(value.clone());
+            b.bind(value.clone());
             b.push(")");
         }
         Cond::Date {
@@ -322,15 +329,7 @@ fn push_cond(b: &mut QueryBuilder<Sqlite>, cond: &Cond) {
 
 /// Compares a stored range `[rlo, rhi)` with the search range `[lo, hi)` (FHIR R4 3.1.1.4.5.2).
 /// `point`: the stored value is an instant (rlo = rhi).
-fn push_range(
-    b: &mut QueryBuilder<Sqlite>,
-    rlo: &str,
-    rhi: &str,
-    prefix: Prefix,
-    lo: &str,
-    hi: &str,
-    point: bool,
-) {
+fn push_range(b: &mut Sql, rlo: &str, rhi: &str, prefix: Prefix, lo: &str, hi: &str, point: bool) {
     let (lo, hi) = (lo.to_string(), hi.to_string());
     // for a point, "ends after x" is rhi >= x rather than rhi > x
     let gt = if point { " >= " } else { " > " };
@@ -340,34 +339,34 @@ fn push_range(
                 b.push("NOT ");
             }
             b.push(format!("({rlo} >= "));
-            b.push_bind(lo);
+            b.bind(lo);
             b.push(format!(" AND {rhi}{}", if point { " < " } else { " <= " }));
-            b.push_bind(hi);
+            b.bind(hi);
             b.push(")");
         }
         Prefix::Gt => {
             b.push(format!("{rhi}{gt}"));
-            b.push_bind(hi);
+            b.bind(hi);
         }
         Prefix::Ge => {
             b.push(format!("{rhi}{gt}"));
-            b.push_bind(lo);
+            b.bind(lo);
         }
         Prefix::Lt => {
             b.push(format!("{rlo} < "));
-            b.push_bind(lo);
+            b.bind(lo);
         }
         Prefix::Le => {
             b.push(format!("{rlo} < "));
-            b.push_bind(hi);
+            b.bind(hi);
         }
         Prefix::Sa => {
             b.push(format!("{rlo} >= "));
-            b.push_bind(hi);
+            b.bind(hi);
         }
         Prefix::Eb => {
             b.push(format!("{rhi}{}", if point { " < " } else { " <= " }));
-            b.push_bind(lo);
+            b.bind(lo);
         }
     }
 }
@@ -405,7 +404,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO fhir_async (id, created, state, status, location, body, reports, notes) \
-             VALUES (?, ?, 'running', ?, ?, ?, '[]', '[]')",
+             VALUES ($1, $2, 'running', $3, $4, $5, '[]', '[]')",
         )
         .bind(id)
         .bind(index::instant(chrono::Utc::now()))
@@ -427,7 +426,7 @@ impl Store {
         reports: &[String],
         notes: &[String],
     ) -> Result<(), StoreError> {
-        sqlx::query("UPDATE fhir_async SET state = 'done', reports = ?, notes = ? WHERE id = ?")
+        sqlx::query("UPDATE fhir_async SET state = 'done', reports = $1, notes = $2 WHERE id = $3")
             .bind(serde_json::to_string(reports)?)
             .bind(serde_json::to_string(notes)?)
             .bind(id)
@@ -456,7 +455,7 @@ impl Store {
     /// [`StoreError::Db`] or a stored value that no longer parses.
     pub async fn async_job(&self, id: &str) -> Result<Option<AsyncJob>, StoreError> {
         let Some(r) = sqlx::query(
-            "SELECT id, state, status, location, body, reports, notes FROM fhir_async WHERE id = ?",
+            "SELECT id, state, status, location, body, reports, notes FROM fhir_async WHERE id = $1",
         )
         .bind(id)
         .fetch_optional(&self.pool)

@@ -1,7 +1,10 @@
 //! SQL for stored DICOM instances and their analysis state (table `dicom_instances`).
 
-use sqlx::sqlite::SqliteRow;
-use sqlx::{AssertSqlSafe, QueryBuilder, Row, Sqlite};
+use sqlx::any::AnyRow;
+use sqlx::{AssertSqlSafe, Row};
+
+use super::jobs::NewJob;
+use super::sql::Sql;
 
 use super::{Store, StoreError};
 use crate::dicom::InstanceIndex;
@@ -98,7 +101,7 @@ const COLUMNS: &str = "sop_instance_uid, sop_class_uid, study_uid, series_uid, t
     accession_number, study_id, study_description, referring_physician, modality, series_number, \
     series_description, body_part, view_position, instance_number, rows_, columns_, frames";
 
-fn index_from(r: &SqliteRow) -> Result<InstanceIndex, sqlx::Error> {
+fn index_from(r: &AnyRow) -> Result<InstanceIndex, sqlx::Error> {
     Ok(InstanceIndex {
         sop_instance_uid: r.try_get("sop_instance_uid")?,
         sop_class_uid: r.try_get("sop_class_uid")?,
@@ -127,7 +130,7 @@ fn index_from(r: &SqliteRow) -> Result<InstanceIndex, sqlx::Error> {
     })
 }
 
-fn status_from(r: &SqliteRow) -> Result<InstanceStatus, sqlx::Error> {
+fn status_from(r: &AnyRow) -> Result<InstanceStatus, sqlx::Error> {
     Ok(InstanceStatus {
         sop_instance_uid: r.try_get("sop_instance_uid")?,
         study_uid: r.try_get("study_uid")?,
@@ -161,22 +164,22 @@ fn like_pattern(v: &str) -> Option<String> {
     Some(out)
 }
 
-fn text_match(q: &mut QueryBuilder<Sqlite>, column: &str, value: &str) {
+fn text_match(q: &mut Sql, column: &str, value: &str) {
     match like_pattern(value) {
         Some(p) => {
             q.push(format!(" AND {column} LIKE "));
-            q.push_bind(p);
+            q.bind(p);
             q.push(" ESCAPE '\\'");
         }
         None => {
             q.push(format!(" AND {column} = "));
-            q.push_bind(value.to_string());
+            q.bind(value.to_string());
         }
     }
 }
 
 /// Appends the WHERE clauses of `f` (after a `WHERE 1=1`).
-fn filters(q: &mut QueryBuilder<Sqlite>, f: &Query) {
+fn filters(q: &mut Sql, f: &Query) {
     for (col, v) in [
         ("study_uid", &f.study_uid),
         ("series_uid", &f.series_uid),
@@ -184,7 +187,7 @@ fn filters(q: &mut QueryBuilder<Sqlite>, f: &Query) {
     ] {
         if let Some(v) = v {
             q.push(format!(" AND {col} = "));
-            q.push_bind(v.clone());
+            q.bind(v.clone());
         }
     }
     if let Some(v) = &f.patient_id {
@@ -195,31 +198,32 @@ fn filters(q: &mut QueryBuilder<Sqlite>, f: &Query) {
     }
     if let Some(v) = &f.modality {
         q.push(" AND modality = ");
-        q.push_bind(v.clone());
+        q.bind(v.clone());
     }
     if let Some(d) = &f.study_date {
         match d.split_once('-') {
             Some((from, to)) => {
                 if !from.is_empty() {
                     q.push(" AND study_date >= ");
-                    q.push_bind(from.to_string());
+                    q.bind(from.to_string());
                 }
                 if !to.is_empty() {
                     q.push(" AND study_date <= ");
-                    q.push_bind(to.to_string());
+                    q.bind(to.to_string());
                 }
             }
             None => {
                 q.push(" AND study_date = ");
-                q.push_bind(d.clone());
+                q.bind(d.clone());
             }
         }
     }
 }
 
 impl Store {
-    /// Records an instance whose file is already durable. Returns `false` when the SOP Instance
-    /// UID was already stored (nothing changes then).
+    /// Records an instance whose file is already durable and, in the same transaction, its
+    /// analysis job (`claimed_by`: the caller runs it now under that lease). Returns `false`
+    /// when the SOP Instance UID was already stored (nothing changes then), with the job id.
     ///
     /// # Errors
     /// [`StoreError::Db`].
@@ -232,8 +236,9 @@ impl Store {
         state: &str,
         reason: Option<&str>,
         result_of: Option<&str>,
-        analysis_id: Option<&str>,
-    ) -> Result<bool, StoreError> {
+        job: Option<(&NewJob, Option<(&str, std::time::Duration)>)>,
+    ) -> Result<(bool, Option<String>), StoreError> {
+        let mut tx = self.pool.begin().await?;
         let r = sqlx::query(
             "INSERT INTO dicom_instances (sop_instance_uid, sop_class_uid, study_uid, series_uid, \
              transfer_syntax, patient_id, patient_name, patient_birth_date, patient_sex, study_date, \
@@ -241,7 +246,7 @@ impl Store {
              modality, series_number, series_description, body_part, view_position, \
              instance_number, rows_, columns_, frames, size, received, source, analysis_state, \
              analysis_reason, analysis_id, result_of) VALUES \
-             (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31) \
              ON CONFLICT (sop_instance_uid) DO NOTHING",
         )
         .bind(&ix.sop_instance_uid)
@@ -273,11 +278,17 @@ impl Store {
         .bind(source.as_str())
         .bind(state)
         .bind(reason)
-        .bind(analysis_id)
+        .bind(None::<String>)
         .bind(result_of)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        Ok(r.rows_affected() == 1)
+        let new = r.rows_affected() == 1;
+        let mut id = None;
+        if let (true, Some((job, claimed))) = (new, job) {
+            id = Store::insert_job(&mut tx, job, claimed).await?;
+        }
+        tx.commit().await?;
+        Ok((new, id))
     }
 
     /// The index of a stored instance.
@@ -286,7 +297,7 @@ impl Store {
     /// [`StoreError::Db`].
     pub async fn instance(&self, sop: &str) -> Result<Option<InstanceIndex>, StoreError> {
         let r = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM dicom_instances WHERE sop_instance_uid = ?"
+            "SELECT {COLUMNS} FROM dicom_instances WHERE sop_instance_uid = $1"
         )))
         .bind(sop)
         .fetch_optional(&self.pool)
@@ -299,7 +310,7 @@ impl Store {
     /// # Errors
     /// [`StoreError::Db`].
     pub async fn instance_status(&self, sop: &str) -> Result<Option<InstanceStatus>, StoreError> {
-        let r = sqlx::query("SELECT * FROM dicom_instances WHERE sop_instance_uid = ?")
+        let r = sqlx::query("SELECT * FROM dicom_instances WHERE sop_instance_uid = $1")
             .bind(sop)
             .fetch_optional(&self.pool)
             .await?;
@@ -312,7 +323,7 @@ impl Store {
     /// [`StoreError::Db`].
     pub async fn study_status(&self, study: &str) -> Result<Vec<InstanceStatus>, StoreError> {
         let rows = sqlx::query(
-            "SELECT * FROM dicom_instances WHERE study_uid = ? ORDER BY received, sop_instance_uid",
+            "SELECT * FROM dicom_instances WHERE study_uid = $1 ORDER BY received, sop_instance_uid",
         )
         .bind(study)
         .fetch_all(&self.pool)
@@ -332,8 +343,8 @@ impl Store {
         analysis_id: Option<&str>,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "UPDATE dicom_instances SET analysis_state = ?, analysis_reason = ?, analysis_id = ? \
-             WHERE sop_instance_uid = ?",
+            "UPDATE dicom_instances SET analysis_state = $1, analysis_reason = $2, analysis_id = $3 \
+             WHERE sop_instance_uid = $4",
         )
         .bind(state)
         .bind(reason)
@@ -344,68 +355,18 @@ impl Store {
         Ok(())
     }
 
-    /// Claims up to `limit` pending instances (oldest first) by moving them to `running`.
-    ///
-    /// # Errors
-    /// [`StoreError::Db`].
-    pub async fn claim_pending(&self, limit: i64) -> Result<Vec<String>, StoreError> {
-        let rows = sqlx::query(
-            "UPDATE dicom_instances SET analysis_state = 'running' WHERE sop_instance_uid IN \
-             (SELECT sop_instance_uid FROM dicom_instances WHERE analysis_state = 'pending' \
-             ORDER BY received LIMIT ?) RETURNING sop_instance_uid",
-        )
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .iter()
-            .map(|r| r.try_get("sop_instance_uid"))
-            .collect::<Result<_, _>>()?)
-    }
-
-    /// Puts analyses interrupted by a stop or crash (`running`) back to `pending`.
-    ///
-    /// # Errors
-    /// [`StoreError::Db`].
-    pub async fn requeue_running(&self) -> Result<u64, StoreError> {
-        let r = sqlx::query(
-            "UPDATE dicom_instances SET analysis_state = 'pending' WHERE analysis_state = 'running'",
-        )
-        .execute(&self.pool)
-        .await?;
-        Ok(r.rows_affected())
-    }
-
-    /// SOP Instance UIDs still waiting for analysis, oldest first.
-    ///
-    /// # Errors
-    /// [`StoreError::Db`].
-    pub async fn pending_instances(&self, limit: i64) -> Result<Vec<String>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT sop_instance_uid FROM dicom_instances WHERE analysis_state = 'pending' \
-             ORDER BY received LIMIT ?",
-        )
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .iter()
-            .map(|r| r.try_get("sop_instance_uid"))
-            .collect::<Result<_, _>>()?)
-    }
-
     /// Instances matching `f` (QIDO-RS instance level), ordered by series and instance number.
     ///
     /// # Errors
     /// [`StoreError::Db`].
     pub async fn search_instances(&self, f: &Query) -> Result<Vec<InstanceIndex>, StoreError> {
-        let mut q = QueryBuilder::new(format!("SELECT {COLUMNS} FROM dicom_instances WHERE 1=1"));
+        let mut q = Sql::new(format!("SELECT {COLUMNS} FROM dicom_instances WHERE 1=1"));
         filters(&mut q, f);
         q.push(" ORDER BY study_uid, series_uid, instance_number, sop_instance_uid LIMIT ");
-        q.push_bind(f.limit);
+        q.bind(f.limit);
         q.push(" OFFSET ");
-        q.push_bind(f.offset);
-        let rows = q.build().fetch_all(&self.pool).await?;
+        q.bind(f.offset);
+        let rows = q.fetch_all(&self.pool).await?;
         Ok(rows.iter().map(index_from).collect::<Result<_, _>>()?)
     }
 
@@ -414,17 +375,17 @@ impl Store {
     /// # Errors
     /// [`StoreError::Db`].
     pub async fn search_series(&self, f: &Query) -> Result<Vec<(InstanceIndex, i64)>, StoreError> {
-        let mut q = QueryBuilder::new(format!(
+        let mut q = Sql::new(format!(
             "SELECT {COLUMNS}, n FROM (SELECT *, COUNT(*) OVER (PARTITION BY series_uid) AS n, \
              ROW_NUMBER() OVER (PARTITION BY series_uid ORDER BY instance_number, sop_instance_uid) AS k \
              FROM dicom_instances WHERE 1=1"
         ));
         filters(&mut q, f);
-        q.push(") WHERE k = 1 ORDER BY study_uid, series_number, series_uid LIMIT ");
-        q.push_bind(f.limit);
+        q.push(") AS s WHERE k = 1 ORDER BY study_uid, series_number, series_uid LIMIT ");
+        q.bind(f.limit);
         q.push(" OFFSET ");
-        q.push_bind(f.offset);
-        let rows = q.build().fetch_all(&self.pool).await?;
+        q.bind(f.offset);
+        let rows = q.fetch_all(&self.pool).await?;
         rows.iter()
             .map(|r| Ok((index_from(r)?, r.try_get("n")?)))
             .collect::<Result<_, sqlx::Error>>()
@@ -438,27 +399,28 @@ impl Store {
     pub async fn search_studies(&self, f: &Query) -> Result<Vec<StudyHit>, StoreError> {
         let mut inner = f.clone();
         let modality = inner.modality.take();
-        let mut q = QueryBuilder::new(format!(
+        let mut q = Sql::new(format!(
             "SELECT {COLUMNS}, n_series, n_inst, mods FROM (SELECT *, \
              ROW_NUMBER() OVER (PARTITION BY study_uid ORDER BY received, sop_instance_uid) AS k, \
              COUNT(*) OVER (PARTITION BY study_uid) AS n_inst \
              FROM dicom_instances WHERE 1=1"
         ));
         filters(&mut q, &inner);
-        q.push(
+        q.push(format!(
             ") AS i JOIN (SELECT study_uid AS s, COUNT(DISTINCT series_uid) AS n_series, \
-             GROUP_CONCAT(DISTINCT modality) AS mods FROM dicom_instances GROUP BY study_uid) AS g \
+             {} AS mods FROM dicom_instances GROUP BY study_uid) AS g \
              ON g.s = i.study_uid WHERE k = 1",
-        );
+            self.dialect.concat_distinct("modality")
+        ));
         if let Some(m) = modality {
             q.push(" AND (',' || mods || ',') LIKE ");
-            q.push_bind(format!("%,{m},%"));
+            q.bind(format!("%,{m},%"));
         }
         q.push(" ORDER BY study_date, study_uid LIMIT ");
-        q.push_bind(f.limit);
+        q.bind(f.limit);
         q.push(" OFFSET ");
-        q.push_bind(f.offset);
-        let rows = q.build().fetch_all(&self.pool).await?;
+        q.bind(f.offset);
+        let rows = q.fetch_all(&self.pool).await?;
         rows.iter()
             .map(|r| {
                 let mods: Option<String> = r.try_get("mods")?;

@@ -6,20 +6,22 @@ pub mod blob;
 pub mod exports;
 pub mod fhir;
 pub mod instances;
+pub mod jobs;
+pub mod sql;
 
 use std::path::Path;
-use std::str::FromStr;
+use std::time::Duration;
 
 use serde::Serialize;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
-use sqlx::Row;
+use sqlx::any::AnyPoolOptions;
+use sqlx::{AnyPool, Row};
 use uuid::Uuid;
 
 pub use blob::BlobStore;
 pub use exports::ExportRow;
 pub use instances::{InstanceStatus, Query, Source, StudyHit};
+pub use jobs::{Job, JobState, NewJob};
+pub use sql::Dialect;
 
 use crate::pipeline::Analysis;
 
@@ -41,6 +43,31 @@ pub enum StoreError {
     /// A write conflicted with the current state (a stale `If-Match` version).
     #[error("conflict: {0}")]
     Conflict(String),
+    /// The database URL names no supported database.
+    #[error("unsupported database URL (use sqlite://FILE or postgres://…)")]
+    Url,
+}
+
+impl StoreError {
+    /// Whether the failure is the database being unreachable (answered 503, not 500).
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Db(e) => {
+                matches!(
+                    e,
+                    sqlx::Error::Io(_)
+                        | sqlx::Error::PoolTimedOut
+                        | sqlx::Error::PoolClosed
+                        | sqlx::Error::Tls(_)
+                        | sqlx::Error::WorkerCrashed
+                ) || e
+                    .as_database_error()
+                    .and_then(|d| d.code())
+                    .is_some_and(|c| c.starts_with("57P") || c.starts_with("08"))
+            }
+            _ => false,
+        }
+    }
 }
 
 /// A stored analysis summary (`GET /v1/results/{id}`).
@@ -64,43 +91,108 @@ pub struct ResultRow {
     pub cam_method: String,
 }
 
+/// Jobs that stored FHIR resources start, enqueued in the transaction that stores them.
+pub type FhirTriggers = std::sync::Arc<dyn Fn(&[fhir::Stored]) -> Vec<NewJob> + Send + Sync>;
+
 /// Database + blobs.
 #[derive(Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    pool: AnyPool,
+    dialect: Dialect,
     blobs: BlobStore,
     dicom: BlobStore,
+    triggers: Option<FhirTriggers>,
 }
 
 impl Store {
-    /// Opens (creating if needed) the SQLite database and blob folder in `data_dir`, and runs
-    /// migrations.
+    /// Opens (creating if needed) the embedded SQLite database and the blob folders in
+    /// `data_dir`, and runs migrations.
     ///
     /// # Errors
     /// When the folder or database cannot be created or migrated.
     pub async fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        Self::connect(None, data_dir).await
+    }
+
+    /// Opens the database named by `url` (`sqlite://FILE` or `postgres://…`; `None`: SQLite
+    /// `carina.db` in `data_dir`) with the blob folders in `data_dir`, and runs migrations.
+    /// Several replicas may share one PostgreSQL database and one data folder.
+    ///
+    /// # Errors
+    /// When the folder or database cannot be created, reached or migrated.
+    pub async fn connect(url: Option<&str>, data_dir: &Path) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
         std::fs::create_dir_all(data_dir)?;
-        let url = format!("sqlite://{}", data_dir.join("carina.db").display());
-        let options = SqliteConnectOptions::from_str(&url)?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(std::time::Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
-            .await?;
-        sqlx::migrate!("./migrations").run(&pool).await?;
+        let url = url.map_or_else(
+            || format!("sqlite://{}?mode=rwc", data_dir.join("carina.db").display()),
+            str::to_string,
+        );
+        let dialect = Dialect::of_url(&url).ok_or(StoreError::Url)?;
+        let options = AnyPoolOptions::new()
+            .acquire_timeout(Duration::from_secs(5))
+            .idle_timeout(Duration::from_secs(300));
+        let pool = match dialect {
+            Dialect::Sqlite => {
+                options
+                    .max_connections(4)
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            sqlx::raw_sql(
+                                "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+                                 PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;",
+                            )
+                            .execute(conn)
+                            .await
+                            .map(|_| ())
+                        })
+                    })
+                    .connect(&url)
+                    .await?
+            }
+            Dialect::Postgres => options.max_connections(16).connect(&url).await?,
+        };
+        match dialect {
+            Dialect::Sqlite => sqlx::migrate!("./migrations/sqlite").run(&pool).await?,
+            Dialect::Postgres => sqlx::migrate!("./migrations/postgres").run(&pool).await?,
+        }
         Ok(Self {
             pool,
+            dialect,
             blobs: BlobStore::new(data_dir.join("results"))?,
             dicom: BlobStore::new(data_dir.join("dicom"))?,
+            triggers: None,
         })
+    }
+
+    /// This store, enqueueing the jobs `triggers` names for every FHIR write in the same
+    /// transaction (an accepted ImagingStudy or Observation is never without its job).
+    #[must_use]
+    pub fn with_fhir_triggers(mut self, triggers: FhirTriggers) -> Self {
+        self.triggers = Some(triggers);
+        self
+    }
+
+    /// Which database this store uses.
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// Closes the database connections (graceful shutdown).
+    pub async fn close(&self) {
+        self.pool.close().await;
     }
 
     /// Whether the database answers.
     pub async fn ping(&self) -> bool {
         sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+
+    /// Whether both blob folders can be written (a probe file is written and removed).
+    pub async fn blobs_writable(&self) -> bool {
+        let (a, b) = (self.blobs.clone(), self.dicom.clone());
+        tokio::task::spawn_blocking(move || a.probe().is_ok() && b.probe().is_ok())
+            .await
+            .unwrap_or(false)
     }
 
     /// Persists an analysis: blobs first (durable), then the row.
@@ -127,7 +219,7 @@ impl Store {
         .map_err(|e| std::io::Error::other(e.to_string()))??;
         sqlx::query(
             "INSERT INTO analyses (id, created, model, model_version, label, display, probabilities, cam_method, source) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (id) DO NOTHING",
         )
         .bind(&id)
         .bind(a.created.to_rfc3339())
@@ -148,7 +240,7 @@ impl Store {
     /// # Errors
     /// [`StoreError::Db`] on database failure.
     pub async fn analysis(&self, id: &Uuid) -> Result<Option<ResultRow>, StoreError> {
-        let row = sqlx::query("SELECT id, created, model, model_version, label, display, probabilities, cam_method FROM analyses WHERE id = ?")
+        let row = sqlx::query("SELECT id, created, model, model_version, label, display, probabilities, cam_method FROM analyses WHERE id = $1")
             .bind(id.to_string())
             .fetch_optional(&self.pool)
             .await?;

@@ -68,11 +68,46 @@ pub async fn app_with_ingest(
     max_body: usize,
 ) -> (axum::Router, tempfile::TempDir, carina::ingest::Ingest) {
     let dir = tempfile::tempdir().unwrap();
-    let store = carina::store::Store::open(dir.path()).await.unwrap();
+    let store = store(dir.path()).await;
     let models = registry_async().await;
     let ingest = carina::ingest::Ingest::new(store.clone(), models.clone(), Vec::new(), 0, None);
     let state = carina::app::AppState::new(models, store, None, max_body, ingest.clone()).unwrap();
     (carina::api::router(state), dir, ingest)
+}
+
+/// A fresh store for one test, blobs in `dir`. The database is SQLite in `dir`, or, when
+/// `CARINA_TEST_DATABASE_URL` names a PostgreSQL server (`postgres://user@host:port/db`), a new
+/// database `carina_test_<random>` created on it: the same tests run on both.
+pub async fn store(dir: &std::path::Path) -> carina::store::Store {
+    match pg_url() {
+        None => carina::store::Store::open(dir).await.unwrap(),
+        Some(admin) => {
+            let url = fresh_pg_database(&admin).await;
+            carina::store::Store::connect(Some(&url), dir)
+                .await
+                .unwrap()
+        }
+    }
+}
+
+/// The PostgreSQL server the tests use, when set.
+pub fn pg_url() -> Option<String> {
+    std::env::var("CARINA_TEST_DATABASE_URL")
+        .ok()
+        .filter(|u| u.starts_with("postgres"))
+}
+
+/// Creates an empty database on the server of `admin` and returns its URL.
+pub async fn fresh_pg_database(admin: &str) -> String {
+    use sqlx::Connection;
+    let name = format!("carina_test_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = sqlx::PgConnection::connect(admin).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let base = admin.rsplit_once('/').map_or(admin, |(b, _)| b);
+    format!("{base}/{name}")
 }
 
 pub fn sample(name: &str) -> Vec<u8> {

@@ -1,0 +1,126 @@
+//! Operations: the job queue (`GET /v1/jobs`, `GET /v1/jobs/{id}`), Prometheus `/metrics`, and
+//! the middleware every request passes through (request id, one log line, metrics,
+//! `Retry-After` on 503).
+
+use std::collections::HashMap;
+
+use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+use tracing::Instrument;
+
+use super::error::ApiError;
+use crate::app::AppState;
+use crate::metrics;
+use crate::store::JobState;
+
+/// `GET /v1/jobs?state=&kind=&subject=&_count=&offset=`: jobs, newest first.
+///
+/// # Errors
+/// 400 for an unknown state or a bad number; 503 when the database is down.
+pub async fn list(
+    State(state): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid", m);
+    let job_state = q
+        .get("state")
+        .map(|s| {
+            JobState::parse(s)
+                .ok_or_else(|| bad(format!("unknown state '{s}' (queued, running, done, dead)")))
+        })
+        .transpose()?;
+    let number = |k: &str, default: i64, max: i64| -> Result<i64, ApiError> {
+        q.get(k).map_or(Ok(default), |v| {
+            v.parse::<i64>()
+                .ok()
+                .filter(|n| (0..=max).contains(n))
+                .ok_or_else(|| bad(format!("{k} must be a number from 0 to {max}")))
+        })
+    };
+    let (count, offset) = (number("_count", 100, 1000)?, number("offset", 0, i64::MAX)?);
+    let jobs = state
+        .store
+        .jobs(
+            job_state,
+            q.get("kind").map(String::as_str),
+            q.get("subject").map(String::as_str),
+            count,
+            offset,
+        )
+        .await?;
+    Ok(Json(json!({ "jobs": jobs })))
+}
+
+/// `GET /v1/jobs/{id}`.
+///
+/// # Errors
+/// 404 for an unknown job; 503 when the database is down.
+pub async fn get(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<crate::store::Job>, ApiError> {
+    state
+        .store
+        .job(&id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("job {id}")))
+}
+
+/// `GET /metrics`: Prometheus text format (queue depth read from the database now).
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let queue = state.store.job_counts().await.unwrap_or_default();
+    (
+        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+        metrics::global().render(&queue),
+    )
+        .into_response()
+}
+
+/// Request id (the client's `X-Request-Id` or a new one) in the log span and the answer, one
+/// log line per request (method, route template, status, duration: no paths, no PHI), request
+/// metrics, and `Retry-After` on every 503.
+pub async fn observe(req: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
+    let method = req.method().as_str().to_string();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let request_id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 64
+                && v.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        })
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_string);
+    let span =
+        tracing::info_span!("request", request_id = %request_id, method = %method, route = %route);
+    let mut resp = next.run(req).instrument(span.clone()).await;
+    let status = resp.status();
+    let secs = started.elapsed().as_secs_f64();
+    metrics::global().observe_request(&method, &route, status.as_u16(), secs);
+    span.in_scope(|| {
+        tracing::info!(
+            status = status.as_u16(),
+            ms = (secs * 1000.0).round(),
+            "request"
+        );
+    });
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        h.insert("x-request-id", v);
+    }
+    if status == StatusCode::SERVICE_UNAVAILABLE && !h.contains_key(header::RETRY_AFTER) {
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    }
+    resp
+}

@@ -1,0 +1,422 @@
+//! SQL for the durable job queue (table `jobs`, see docs/adr/0001-job-queue-in-the-database.md).
+//! A job is inserted in the same transaction as the data it works on ([`Store::insert_job`]
+//! takes the open transaction). Workers claim due jobs with a lease: `FOR UPDATE SKIP LOCKED`
+//! on PostgreSQL, a plain `UPDATE … RETURNING` on SQLite (whose writers are serialised). An
+//! expired lease makes a job claimable again; a failed attempt is retried with exponential
+//! backoff until `max_attempts`, then the job is `dead` with the reason.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::any::AnyRow;
+use sqlx::AnyConnection;
+use sqlx::{AssertSqlSafe, Row};
+
+use super::{Store, StoreError};
+
+/// Columns read into a [`Job`].
+const COLUMNS: &str = "id, kind, subject, payload, state, attempts, max_attempts, run_at, \
+    lease_owner, lease_until, last_error, result, created, updated";
+
+/// Where a job is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// Waiting (due at `run_at`).
+    Queued,
+    /// Leased by a worker.
+    Running,
+    /// Finished (its `result` says how).
+    Done,
+    /// Gave up after `max_attempts` (dead letter); `last_error` says why.
+    Dead,
+}
+
+impl JobState {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Done => "done",
+            Self::Dead => "dead",
+        }
+    }
+
+    /// From the stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "queued" => Some(Self::Queued),
+            "running" => Some(Self::Running),
+            "done" => Some(Self::Done),
+            "dead" => Some(Self::Dead),
+            _ => None,
+        }
+    }
+}
+
+/// A job to enqueue.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    /// What to do: `analyse`, `imaging-study`, `risk`.
+    pub kind: String,
+    /// What it works on (a SOP Instance UID, `ImagingStudy/<id>`, `Patient/<id>`).
+    pub subject: String,
+    /// Parameters.
+    pub payload: Value,
+    /// At most one job per key: enqueueing an existing key does nothing.
+    pub dedupe: Option<String>,
+    /// Attempts before the job is dead.
+    pub max_attempts: i64,
+}
+
+/// A stored job (`GET /v1/jobs/{id}`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Job {
+    /// Id.
+    pub id: String,
+    /// What to do.
+    pub kind: String,
+    /// What it works on.
+    pub subject: String,
+    /// Parameters.
+    pub payload: Value,
+    /// queued | running | done | dead.
+    pub state: String,
+    /// Attempts started.
+    pub attempts: i64,
+    /// Attempts allowed.
+    pub max_attempts: i64,
+    /// Not claimed before (unix milliseconds).
+    pub run_at: i64,
+    /// The worker holding (or that last held) the job.
+    pub lease_owner: Option<String>,
+    /// Lease expiry (unix milliseconds).
+    pub lease_until: Option<i64>,
+    /// Why the last attempt failed.
+    pub last_error: Option<String>,
+    /// Outcome of a finished job.
+    pub result: Option<Value>,
+    /// Enqueued (RFC 3339).
+    pub created: String,
+    /// Last change (RFC 3339).
+    pub updated: String,
+}
+
+fn job_from(r: &AnyRow) -> Result<Job, StoreError> {
+    let payload: String = r.try_get("payload")?;
+    let result: Option<String> = r.try_get("result")?;
+    Ok(Job {
+        id: r.try_get("id")?,
+        kind: r.try_get("kind")?,
+        subject: r.try_get("subject")?,
+        payload: serde_json::from_str(&payload)?,
+        state: r.try_get("state")?,
+        attempts: r.try_get("attempts")?,
+        max_attempts: r.try_get("max_attempts")?,
+        run_at: r.try_get("run_at")?,
+        lease_owner: r.try_get("lease_owner")?,
+        lease_until: r.try_get("lease_until")?,
+        last_error: r.try_get("last_error")?,
+        result: result.as_deref().map(serde_json::from_str).transpose()?,
+        created: r.try_get("created")?,
+        updated: r.try_get("updated")?,
+    })
+}
+
+/// Unix milliseconds now.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The delay before attempt `attempts + 1`: `base · 2^(attempts-1)`, at most 10 minutes.
+pub fn backoff(base: Duration, attempts: i64) -> Duration {
+    let exp = u32::try_from(attempts.clamp(1, 20) - 1).unwrap_or(0);
+    base.saturating_mul(2_u32.saturating_pow(exp))
+        .min(Duration::from_secs(600))
+}
+
+impl Store {
+    /// Inserts `job` inside an open transaction (with the data it works on). A job `claimed_by`
+    /// a worker starts `running` under its lease (the caller runs it now). Returns the job id,
+    /// or `None` when a job with the same `dedupe` key exists.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub async fn insert_job(
+        conn: &mut AnyConnection,
+        job: &NewJob,
+        claimed_by: Option<(&str, Duration)>,
+    ) -> Result<Option<String>, StoreError> {
+        let id = uuid::Uuid::new_v4().to_string();
+        let now = chrono::Utc::now().to_rfc3339();
+        let (state, attempts, owner, until) = match claimed_by {
+            Some((owner, lease)) => (
+                "running",
+                1_i64,
+                Some(owner.to_string()),
+                Some(now_ms() + ms(lease)),
+            ),
+            None => ("queued", 0, None, None),
+        };
+        let r = sqlx::query(
+            "INSERT INTO jobs (id, kind, subject, payload, dedupe, state, attempts, max_attempts, \
+             run_at, lease_owner, lease_until, created, updated) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12) \
+             ON CONFLICT (dedupe) DO NOTHING",
+        )
+        .bind(&id)
+        .bind(&job.kind)
+        .bind(&job.subject)
+        .bind(serde_json::to_string(&job.payload)?)
+        .bind(&job.dedupe)
+        .bind(state)
+        .bind(attempts)
+        .bind(job.max_attempts)
+        .bind(now_ms())
+        .bind(owner)
+        .bind(until)
+        .bind(&now)
+        .execute(conn)
+        .await?;
+        Ok((r.rows_affected() == 1).then_some(id))
+    }
+
+    /// Enqueues `job` on its own (see [`Self::insert_job`]).
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub async fn enqueue(&self, job: &NewJob) -> Result<Option<String>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        Self::insert_job(&mut conn, job, None).await
+    }
+
+    /// Claims up to `limit` due jobs for `owner` for `lease`. Jobs whose lease expired after
+    /// their last allowed attempt (the worker died each time) become dead first.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub async fn claim_jobs(
+        &self,
+        owner: &str,
+        limit: i64,
+        lease: Duration,
+    ) -> Result<Vec<Job>, StoreError> {
+        let now = now_ms();
+        let stamp = chrono::Utc::now().to_rfc3339();
+        sqlx::query(
+            "UPDATE jobs SET state = 'dead', updated = $1, last_error = \
+             COALESCE(last_error || '; ', '') || 'lease expired on the last allowed attempt (the worker stopped)' \
+             WHERE state = 'running' AND lease_until < $2 AND attempts >= max_attempts",
+        )
+        .bind(&stamp)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_owner = $1, \
+             lease_until = $2, updated = $3 WHERE id IN (SELECT id FROM jobs WHERE \
+             (state = 'queued' AND run_at <= $4) OR (state = 'running' AND lease_until < $4) \
+             ORDER BY run_at LIMIT $5{}) RETURNING {COLUMNS}",
+            self.dialect.skip_locked()
+        )))
+        .bind(owner)
+        .bind(now + ms(lease))
+        .bind(&stamp)
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(job_from).collect()
+    }
+
+    /// Extends `owner`'s lease on job `id`; `false` when the lease was lost.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub async fn extend_lease(
+        &self,
+        id: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "UPDATE jobs SET lease_until = $1 WHERE id = $2 AND lease_owner = $3 AND state = 'running'",
+        )
+        .bind(now_ms() + ms(lease))
+        .bind(id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Marks job `id` done with `result`, if `owner` still holds it.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub async fn finish_job(
+        &self,
+        id: &str,
+        owner: &str,
+        result: &Value,
+    ) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "UPDATE jobs SET state = 'done', result = $1, lease_until = NULL, updated = $2 \
+             WHERE id = $3 AND lease_owner = $4 AND state = 'running'",
+        )
+        .bind(serde_json::to_string(result)?)
+        .bind(chrono::Utc::now().to_rfc3339())
+        .bind(id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Records a failed attempt of job `id`: queued again after [`backoff`] while attempts
+    /// remain (and `retry`), else dead with `error`. Returns the new state.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub async fn fail_job(
+        &self,
+        id: &str,
+        owner: &str,
+        error: &str,
+        retry: bool,
+        base: Duration,
+    ) -> Result<Option<JobState>, StoreError> {
+        let Some(job) = self.job(id).await? else {
+            return Ok(None);
+        };
+        if job.lease_owner.as_deref() != Some(owner) || job.state != "running" {
+            return Ok(None);
+        }
+        let state = if retry && job.attempts < job.max_attempts {
+            JobState::Queued
+        } else {
+            JobState::Dead
+        };
+        sqlx::query(
+            "UPDATE jobs SET state = $1, last_error = $2, run_at = $3, lease_until = NULL, \
+             updated = $4 WHERE id = $5 AND lease_owner = $6 AND state = 'running'",
+        )
+        .bind(state.as_str())
+        .bind(error)
+        .bind(now_ms() + ms(backoff(base, job.attempts)))
+        .bind(chrono::Utc::now().to_rfc3339())
+        .bind(id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(Some(state))
+    }
+
+    /// Gives job `id` back (graceful shutdown before it finished): queued again at once, the
+    /// interrupted attempt not counted.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub async fn release_job(&self, id: &str, owner: &str) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "UPDATE jobs SET state = 'queued', attempts = attempts - 1, lease_until = NULL, \
+             run_at = $1, updated = $2 WHERE id = $3 AND lease_owner = $4 AND state = 'running'",
+        )
+        .bind(now_ms())
+        .bind(chrono::Utc::now().to_rfc3339())
+        .bind(id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// One job.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub async fn job(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        let r = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM jobs WHERE id = $1"
+        )))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        r.as_ref().map(job_from).transpose()
+    }
+
+    /// Jobs, newest first, optionally of one state, kind and subject.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub async fn jobs(
+        &self,
+        state: Option<JobState>,
+        kind: Option<&str>,
+        subject: Option<&str>,
+        limit: i64,
+        offset: i64,
+    ) -> Result<Vec<Job>, StoreError> {
+        let mut q = super::sql::Sql::new(format!("SELECT {COLUMNS} FROM jobs WHERE 1=1"));
+        if let Some(s) = state {
+            q.push(" AND state = ").bind(s.as_str().to_string());
+        }
+        if let Some(k) = kind {
+            q.push(" AND kind = ").bind(k.to_string());
+        }
+        if let Some(s) = subject {
+            q.push(" AND subject = ").bind(s.to_string());
+        }
+        q.push(" ORDER BY created DESC, id LIMIT ")
+            .bind(limit)
+            .push(" OFFSET ")
+            .bind(offset);
+        let rows = q.fetch_all(&self.pool).await?;
+        rows.iter().map(job_from).collect()
+    }
+
+    /// Number of jobs by kind and state (for `/metrics`).
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub async fn job_counts(&self) -> Result<Vec<(String, String, i64)>, StoreError> {
+        let rows = sqlx::query("SELECT kind, state, COUNT(*) AS n FROM jobs GROUP BY kind, state")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("kind")?, r.try_get("state")?, r.try_get("n")?)))
+            .collect()
+    }
+
+    /// Jobs not finished (queued or running): the backlog that backpressure limits.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub async fn backlog(&self) -> Result<i64, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        let b = Duration::from_secs(2);
+        assert_eq!(backoff(b, 1), Duration::from_secs(2));
+        assert_eq!(backoff(b, 2), Duration::from_secs(4));
+        assert_eq!(backoff(b, 4), Duration::from_secs(16));
+        assert_eq!(backoff(b, 40), Duration::from_secs(600));
+    }
+}

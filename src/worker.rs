@@ -1,0 +1,221 @@
+//! Job workers: claim due jobs from the database queue under a lease, run them, record the
+//! outcome. Each worker loop holds one job at a time and renews its lease while the job runs, so
+//! a job runs on one replica at a time; a crashed replica's jobs become claimable again when
+//! their leases expire. On shutdown a worker stops claiming, lets its job finish within the grace
+//! period, and otherwise releases the lease so another replica (or the next start) runs it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use serde_json::Value;
+use tokio::sync::{watch, Notify};
+use tracing::Instrument;
+
+use crate::store::{Job, JobState, Store};
+
+/// How workers claim and retry jobs.
+#[derive(Debug, Clone)]
+pub struct JobSettings {
+    /// Lease owner name: unique per process (`<host>-<pid>-<random>`).
+    pub owner: String,
+    /// Worker loops in this process.
+    pub concurrency: usize,
+    /// Lease length; renewed every third of it while the job runs.
+    pub lease: Duration,
+    /// How often an idle worker looks for jobs enqueued by other replicas.
+    pub poll: Duration,
+    /// First retry delay (doubles per attempt).
+    pub backoff: Duration,
+    /// Attempts before a job is dead.
+    pub max_attempts: i64,
+    /// How long a job may go on after a shutdown signal before its lease is released.
+    pub grace: Duration,
+}
+
+impl Default for JobSettings {
+    fn default() -> Self {
+        Self {
+            owner: default_owner(),
+            concurrency: 2,
+            lease: Duration::from_secs(60),
+            poll: Duration::from_millis(500),
+            backoff: Duration::from_secs(2),
+            max_attempts: 5,
+            grace: Duration::from_secs(20),
+        }
+    }
+}
+
+/// `<host>-<pid>-<8 random hex>`.
+pub fn default_owner() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "carina".into());
+    let rand = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}-{}-{}", std::process::id(), &rand[..8])
+}
+
+/// Why a job attempt failed.
+#[derive(Debug)]
+pub enum JobError {
+    /// Worth another attempt (database or network trouble).
+    Retry(String),
+    /// Will fail again: dead at once.
+    Fatal(String),
+}
+
+/// Runs one job, returning its result.
+pub type Handler = Arc<dyn Fn(Job) -> BoxFuture<'static, Result<Value, JobError>> + Send + Sync>;
+
+/// The worker pool of one process.
+#[derive(Clone)]
+pub struct Worker {
+    store: Store,
+    settings: Arc<JobSettings>,
+    handler: Handler,
+    wake: Arc<Notify>,
+}
+
+impl Worker {
+    /// Workers for `store`'s queue; `wake` is notified when this process enqueues a job.
+    pub fn new(store: Store, settings: JobSettings, handler: Handler, wake: Arc<Notify>) -> Self {
+        Self {
+            store,
+            settings: Arc::new(settings),
+            handler,
+            wake,
+        }
+    }
+
+    /// Runs the worker loops until `stop` resolves (see [`Self::run`]).
+    pub async fn run_until(self, stop: impl std::future::Future<Output = ()> + Send + 'static) {
+        let (tx, rx) = watch::channel(false);
+        tokio::spawn(async move {
+            stop.await;
+            let _ = tx.send(true);
+        });
+        self.run(rx).await;
+    }
+
+    /// Runs the worker loops until `stop` turns true (or its sender is dropped) and every loop
+    /// has finished or released its job.
+    pub async fn run(self, stop: watch::Receiver<bool>) {
+        let loops: Vec<_> = (0..self.settings.concurrency.max(1))
+            .map(|_| tokio::spawn(self.clone().run_loop(stop.clone())))
+            .collect();
+        for l in loops {
+            let _ = l.await;
+        }
+    }
+
+    async fn run_loop(self, mut stop: watch::Receiver<bool>) {
+        let s = self.settings.clone();
+        while !*stop.borrow() {
+            match self.store.claim_jobs(&s.owner, 1, s.lease).await {
+                Ok(jobs) if !jobs.is_empty() => {
+                    for job in jobs {
+                        self.run_one(job, stop.clone()).await;
+                    }
+                }
+                Ok(_) => {
+                    tokio::select! {
+                        r = stop.changed() => if r.is_err() { return },
+                        () = self.wake.notified() => {}
+                        () = tokio::time::sleep(s.poll) => {}
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot claim jobs (database unavailable?)");
+                    tokio::select! {
+                        r = stop.changed() => if r.is_err() { return },
+                        () = tokio::time::sleep(s.poll * 2) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn run_one(&self, job: Job, mut stop: watch::Receiver<bool>) {
+        let s = self.settings.clone();
+        let span =
+            tracing::info_span!("job", job_id = %job.id, kind = %job.kind, attempt = job.attempts);
+        let (id, kind) = (job.id.clone(), job.kind.clone());
+        async move {
+            let started = std::time::Instant::now();
+            let heartbeat = {
+                let (store, id, owner, lease) =
+                    (self.store.clone(), id.clone(), s.owner.clone(), s.lease);
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(lease / 3).await;
+                        match store.extend_lease(&id, &owner, lease).await {
+                            Ok(false) => {
+                                tracing::warn!("job lease lost");
+                                return;
+                            }
+                            Ok(true) => {}
+                            Err(e) => tracing::warn!(error = %e, "cannot renew the job lease"),
+                        }
+                    }
+                })
+            };
+            let work = (self.handler)(job);
+            tokio::pin!(work);
+            let grace = async {
+                let _ = stop.wait_for(|v| *v).await;
+                tokio::time::sleep(s.grace).await;
+            };
+            let outcome = tokio::select! {
+                r = &mut work => Some(r),
+                () = grace => None,
+            };
+            heartbeat.abort();
+            let m = crate::metrics::global();
+            m.observe_job(&kind, started.elapsed().as_secs_f64());
+            let recorded = match outcome {
+                None => {
+                    m.job_outcome(&kind, "released");
+                    tracing::info!("job released at shutdown");
+                    self.store.release_job(&id, &s.owner).await.map(|_| ())
+                }
+                Some(Ok(result)) => {
+                    m.job_outcome(&kind, "done");
+                    tracing::info!("job done");
+                    self.store
+                        .finish_job(&id, &s.owner, &result)
+                        .await
+                        .map(|_| ())
+                }
+                Some(Err(e)) => {
+                    let (msg, retry) = match e {
+                        JobError::Retry(m) => (m, true),
+                        JobError::Fatal(m) => (m, false),
+                    };
+                    let state = self
+                        .store
+                        .fail_job(&id, &s.owner, &msg, retry, s.backoff)
+                        .await;
+                    if let Ok(Some(st)) = &state {
+                        let outcome = if *st == JobState::Dead {
+                            "dead"
+                        } else {
+                            "retry"
+                        };
+                        m.job_outcome(&kind, outcome);
+                        tracing::warn!(error = %msg, outcome, "job attempt failed");
+                    }
+                    state.map(|_| ())
+                }
+            };
+            if let Err(e) = recorded {
+                // the lease expires and the job runs again; its effects are idempotent
+                tracing::warn!(error = %e, "cannot record the job outcome");
+            }
+        }
+        .instrument(span)
+        .await;
+    }
+}

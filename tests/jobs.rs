@@ -1,0 +1,235 @@
+//! The durable job queue, on the test database (SQLite, or PostgreSQL when
+//! CARINA_TEST_DATABASE_URL is set): leases, expiry, retries with backoff, dead letters,
+//! de-duplication, concurrent claims, and the `/v1/jobs` API.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use carina::store::{JobState, NewJob, Store};
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+
+fn job(subject: &str, dedupe: Option<&str>, max_attempts: i64) -> NewJob {
+    NewJob {
+        kind: "test".into(),
+        subject: subject.into(),
+        payload: serde_json::json!({"n": subject}),
+        dedupe: dedupe.map(str::to_string),
+        max_attempts,
+    }
+}
+
+async fn fresh() -> (Store, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    (common::store(dir.path()).await, dir)
+}
+
+#[tokio::test]
+async fn lease_expiry_retry_backoff_and_dead_letter() {
+    let (store, _d) = fresh().await;
+    let id = store
+        .enqueue(&job("a", Some("k:a"), 2))
+        .await
+        .unwrap()
+        .unwrap();
+    // the same key enqueues nothing
+    assert_eq!(
+        store.enqueue(&job("a", Some("k:a"), 2)).await.unwrap(),
+        None
+    );
+
+    let lease = Duration::from_millis(300);
+    let got = store.claim_jobs("w1", 10, lease).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!((got[0].id.as_str(), got[0].attempts), (id.as_str(), 1));
+    // leased: nobody else gets it
+    assert!(store.claim_jobs("w2", 10, lease).await.unwrap().is_empty());
+    // the lease expires (w1 "crashed"): w2 takes it over, and w1 can no longer finish it
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let got = store.claim_jobs("w2", 10, lease).await.unwrap();
+    assert_eq!((got.len(), got[0].attempts), (1, 2));
+    assert!(!store
+        .finish_job(&id, "w1", &serde_json::json!({}))
+        .await
+        .unwrap());
+    // a failed last attempt is a dead letter with the reason
+    let st = store
+        .fail_job(&id, "w2", "boom", true, Duration::from_millis(10))
+        .await
+        .unwrap();
+    assert_eq!(st, Some(JobState::Dead));
+    let j = store.job(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (j.state.as_str(), j.last_error.as_deref()),
+        ("dead", Some("boom"))
+    );
+
+    // a retryable failure with attempts left is queued again, not before its backoff
+    let id2 = store.enqueue(&job("b", None, 3)).await.unwrap().unwrap();
+    let got = store.claim_jobs("w1", 10, lease).await.unwrap();
+    assert_eq!(got[0].id, id2);
+    let st = store
+        .fail_job(&id2, "w1", "flaky", true, Duration::from_millis(500))
+        .await
+        .unwrap();
+    assert_eq!(st, Some(JobState::Queued));
+    assert!(
+        store.claim_jobs("w1", 10, lease).await.unwrap().is_empty(),
+        "backoff"
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let got = store.claim_jobs("w1", 10, lease).await.unwrap();
+    assert_eq!((got.len(), got[0].attempts), (1, 2));
+    assert!(store
+        .finish_job(&id2, "w1", &serde_json::json!({"ok": 1}))
+        .await
+        .unwrap());
+    let j = store.job(&id2).await.unwrap().unwrap();
+    assert_eq!(j.state, "done");
+    assert_eq!(j.result, Some(serde_json::json!({"ok": 1})));
+
+    // a fatal failure is dead at once; a released job is queued again, its attempt not counted
+    let id3 = store.enqueue(&job("c", None, 5)).await.unwrap().unwrap();
+    store.claim_jobs("w1", 10, lease).await.unwrap();
+    assert!(store.release_job(&id3, "w1").await.unwrap());
+    let j = store.job(&id3).await.unwrap().unwrap();
+    assert_eq!((j.state.as_str(), j.attempts), ("queued", 0));
+    store.claim_jobs("w1", 10, lease).await.unwrap();
+    let st = store
+        .fail_job(&id3, "w1", "bad input", false, Duration::from_millis(10))
+        .await
+        .unwrap();
+    assert_eq!(st, Some(JobState::Dead));
+
+    // a job whose worker died on its last allowed attempt becomes dead, not claimable forever
+    let id4 = store.enqueue(&job("d", None, 1)).await.unwrap().unwrap();
+    store.claim_jobs("w1", 10, lease).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(store.claim_jobs("w2", 10, lease).await.unwrap().is_empty());
+    let j = store.job(&id4).await.unwrap().unwrap();
+    assert_eq!(j.state, "dead");
+    assert!(j.last_error.unwrap().contains("lease expired"));
+
+    let counts = store.job_counts().await.unwrap();
+    let dead = counts
+        .iter()
+        .find(|(k, s, _)| k == "test" && s == "dead")
+        .map(|c| c.2);
+    assert_eq!(dead, Some(3));
+}
+
+#[tokio::test]
+async fn concurrent_workers_claim_each_job_once() {
+    let (store, _d) = fresh().await;
+    let n = 120;
+    for i in 0..n {
+        store
+            .enqueue(&job(&format!("s{i}"), None, 3))
+            .await
+            .unwrap();
+    }
+    let mut tasks = Vec::new();
+    for w in 0..6 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let owner = format!("worker-{w}");
+            let mut mine = Vec::new();
+            loop {
+                let got = store
+                    .claim_jobs(&owner, 3, Duration::from_secs(30))
+                    .await
+                    .unwrap();
+                if got.is_empty() {
+                    break;
+                }
+                for j in got {
+                    assert!(store
+                        .finish_job(&j.id, &owner, &serde_json::json!({}))
+                        .await
+                        .unwrap());
+                    mine.push(j.id);
+                }
+            }
+            mine
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let unique: HashSet<&String> = all.iter().collect();
+    assert_eq!(all.len(), n, "every job claimed");
+    assert_eq!(unique.len(), n, "no job claimed twice");
+    let done = store
+        .jobs(Some(JobState::Done), Some("test"), None, 1000, 0)
+        .await
+        .unwrap();
+    assert_eq!(done.len(), n);
+    assert!(done.iter().all(|j| j.attempts == 1));
+}
+
+#[tokio::test]
+async fn jobs_api_lists_by_state_and_shows_one() {
+    let (app, dir, ingest) = common::app_with_ingest(1 << 20).await;
+    let _ = dir;
+    let store = ingest.store().clone();
+    let id = store.enqueue(&job("x", None, 3)).await.unwrap().unwrap();
+    let get = |uri: String| {
+        let app = app.clone();
+        async move {
+            let r = app
+                .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+                .await
+                .unwrap();
+            let status = r.status();
+            let body = r.into_body().collect().await.unwrap().to_bytes();
+            (
+                status,
+                serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default(),
+            )
+        }
+    };
+    let (s, v) = get(format!("/v1/jobs/{id}")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        (v["state"].as_str(), v["kind"].as_str()),
+        (Some("queued"), Some("test"))
+    );
+    let (s, v) = get("/v1/jobs?state=queued".into()).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(v["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|j| j["id"] == id.as_str()));
+    let (_, v) = get("/v1/jobs?state=done".into()).await;
+    assert!(v["jobs"].as_array().unwrap().is_empty());
+    let (s, v) = get("/v1/jobs?state=nonsense".into()).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(v["resourceType"], "OperationOutcome");
+    let (s, _) = get("/v1/jobs/no-such-job".into()).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // the queue depth is in /metrics
+    let r = app
+        .clone()
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let text =
+        String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    assert!(
+        text.contains("carina_jobs{kind=\"test\",state=\"queued\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "carina_http_requests_total{method=\"GET\",route=\"/v1/jobs/{id}\",status=\"200\"}"
+        ),
+        "{text}"
+    );
+}
