@@ -52,7 +52,7 @@ pub struct Settings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct JobsSettings {
-    /// Worker loops in this process.
+    /// Worker loops in this process (0: accept work, run no jobs: an ingest-only replica).
     pub workers: usize,
     /// Lease length in seconds (renewed while a job runs; a crashed replica's jobs are taken
     /// over after it).
@@ -85,7 +85,7 @@ impl JobsSettings {
     pub fn worker(&self) -> crate::worker::JobSettings {
         crate::worker::JobSettings {
             owner: crate::worker::default_owner(),
-            concurrency: self.workers.max(1),
+            concurrency: self.workers,
             lease: std::time::Duration::from_secs(self.lease_secs.max(3)),
             poll: std::time::Duration::from_millis(500),
             backoff: std::time::Duration::from_secs(self.backoff_secs.max(1)),

@@ -257,6 +257,7 @@ fn finish(
     let geometry: Geometry = input.geometry;
     let prediction = model.interpret(input, outputs)?;
     timings.push(("gradcam", ms(t)));
+    crate::metrics::global().observe_gradcam(&model.manifest.name, t.elapsed().as_secs_f64());
     let t = Instant::now();
     let overlay_png = match &prediction.cam {
         Some(cam) => {

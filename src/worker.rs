@@ -19,7 +19,7 @@ use crate::store::{Job, JobState, Store};
 pub struct JobSettings {
     /// Lease owner name: unique per process (`<host>-<pid>-<random>`).
     pub owner: String,
-    /// Worker loops in this process.
+    /// Worker loops in this process (0: this replica accepts work but runs no jobs).
     pub concurrency: usize,
     /// Lease length; renewed every third of it while the job runs.
     pub lease: Duration,
@@ -103,7 +103,7 @@ impl Worker {
     /// Runs the worker loops until `stop` turns true (or its sender is dropped) and every loop
     /// has finished or released its job.
     pub async fn run(self, stop: watch::Receiver<bool>) {
-        let loops: Vec<_> = (0..self.settings.concurrency.max(1))
+        let loops: Vec<_> = (0..self.settings.concurrency)
             .map(|_| tokio::spawn(self.clone().run_loop(stop.clone())))
             .collect();
         for l in loops {

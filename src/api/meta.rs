@@ -39,7 +39,12 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         .collect();
     (
         status,
-        Json(json!({"status": if ready { "ready" } else { "not ready" }, "checks": checks, "models": models})),
+        Json(json!({
+            "status": if ready { "ready" } else { "not ready" },
+            "checks": checks,
+            "models": models,
+            "node": state.ingest.job_settings().owner,
+        })),
     )
         .into_response()
 }

@@ -88,6 +88,7 @@ pub async fn serve(
             },
         };
         if !ingest.has_space() {
+            crate::metrics::global().dimse_association("rejected");
             tracing::warn!(%peer, "association refused: free space below the watermark");
             tokio::spawn(reject(
                 socket,
@@ -96,6 +97,7 @@ pub async fn serve(
             continue;
         }
         let Ok(permit) = slots.clone().try_acquire_owned() else {
+            crate::metrics::global().dimse_association("rejected");
             tracing::warn!(%peer, "association refused: association limit reached");
             tokio::spawn(reject(
                 socket,
@@ -199,6 +201,7 @@ async fn association(
     // closes right after its own RJ, which some requestors then miss)
     if let Some((called, calling)) = peek_ae_titles(&socket).await {
         if let Err(reason) = rules.check_access(&settings.ae_title, &calling, &called, None) {
+            crate::metrics::global().dimse_association("rejected");
             tracing::warn!(calling = %calling, "association refused by AE title rules");
             reject_with(
                 socket,
@@ -223,6 +226,7 @@ async fn association(
     }
     let mut assoc = options.establish_async(socket).await?;
     tracing::info!(calling = assoc.peer_ae_title(), "association accepted");
+    crate::metrics::global().dimse_association("accepted");
     let mut command: Vec<u8> = Vec::new();
     let mut pending: Option<PendingStore> = None;
     loop {
@@ -314,8 +318,14 @@ async fn association(
     }
 }
 
-/// Stores one received data set; returns the C-STORE-RSP status.
+/// Stores one received data set; returns the C-STORE-RSP status (counted in `/metrics`).
 async fn store(ingest: &Ingest, p: &PendingStore, ts: &str) -> u16 {
+    let status = store_inner(ingest, p, ts).await;
+    crate::metrics::global().dimse_store(status);
+    status
+}
+
+async fn store_inner(ingest: &Ingest, p: &PendingStore, ts: &str) -> u16 {
     if p.overflow {
         tracing::warn!("C-STORE refused: instance larger than the configured limit");
         return status::OUT_OF_RESOURCES;

@@ -58,9 +58,10 @@ impl Engine {
         let max_batch = max_batch.max(1);
         for (i, session) in sessions.into_iter().enumerate() {
             let (rx, input, outputs) = (rx.clone(), input_name.clone(), outputs.clone());
+            let model = label.to_string();
             let spawned = thread::Builder::new()
                 .name(format!("ort-{label}-{i}"))
-                .spawn(move || serve(session, &input, &outputs, max_batch, &rx));
+                .spawn(move || serve(session, &model, &input, &outputs, max_batch, &rx));
             if let Err(e) = spawned {
                 tracing::error!("cannot start inference thread: {e}");
             }
@@ -95,6 +96,7 @@ impl Engine {
 
 fn serve(
     mut session: Session,
+    model: &str,
     input_name: &str,
     outputs: &[String],
     max_batch: usize,
@@ -118,7 +120,13 @@ fn serve(
         // Samples of different shapes run in batches of their own.
         for group in group_by_shape(batch) {
             let inputs: Vec<&FloatTensor> = group.iter().map(|r| &r.input).collect();
+            let started = std::time::Instant::now();
             let result = run_batch(&mut session, input_name, outputs, &inputs);
+            crate::metrics::global().observe_inference(
+                model,
+                started.elapsed().as_secs_f64(),
+                group.len(),
+            );
             match result {
                 Ok(mut per_sample) => {
                     for (r, out) in group.into_iter().zip(per_sample.drain(..)) {
