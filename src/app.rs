@@ -106,9 +106,43 @@ impl AppState {
         written: &[Stored],
         wait: std::time::Duration,
     ) -> Triggered {
-        let mut out = Triggered::default();
-        let jobs = self
-            .risk
+        let mut notes = Vec::new();
+        let triggered = self.triggered(written);
+        if triggered.is_empty() {
+            return Triggered::default();
+        }
+        self.ingest.wake().notify_one();
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut jobs = Vec::new();
+        for (kind, subject) in triggered {
+            let job = loop {
+                let job = match self
+                    .store
+                    .jobs(None, Some(kind), Some(&subject), 1, 0)
+                    .await
+                {
+                    Ok(mut j) => j.pop(),
+                    Err(e) => {
+                        notes.push(format!("cannot read the job queue: {e}"));
+                        break None;
+                    }
+                };
+                let finished = job.as_ref().is_some_and(job_finished);
+                if finished || tokio::time::Instant::now() >= deadline {
+                    break job;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            };
+            jobs.extend(job);
+        }
+        let mut out = summarise(&jobs, wait);
+        out.notes.extend(notes);
+        out
+    }
+
+    /// The jobs (kind, subject) that writing `written` enqueued (see [`fhir_triggers`]).
+    fn triggered(&self, written: &[Stored]) -> Vec<(&'static str, String)> {
+        self.risk
             .as_ref()
             .map_or_else(Vec::new, |r| crate::risk::affected_patients(r, written))
             .into_iter()
@@ -119,60 +153,30 @@ impl AppState {
                     .filter(|s| s.resource_type == "ImagingStudy")
                     .map(|s| ("imaging-study", format!("ImagingStudy/{}", s.id))),
             )
-            .collect::<Vec<_>>();
-        if jobs.is_empty() {
-            return out;
-        }
-        self.ingest.wake().notify_one();
-        let deadline = tokio::time::Instant::now() + wait;
-        for (kind, subject) in jobs {
-            let job = loop {
-                let job = match self
-                    .store
-                    .jobs(None, Some(kind), Some(&subject), 1, 0)
-                    .await
-                {
-                    Ok(mut j) => j.pop(),
-                    Err(e) => {
-                        out.notes.push(format!("cannot read the job queue: {e}"));
-                        break None;
-                    }
-                };
-                let finished = job
-                    .as_ref()
-                    .is_some_and(|j| j.state == "done" || j.state == "dead");
-                if finished || tokio::time::Instant::now() >= deadline {
-                    break job;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            };
-            let Some(job) = job else { continue };
-            let result = job.result.clone().unwrap_or_default();
-            match (JobState::parse(&job.state), kind) {
-                (Some(JobState::Done), "imaging-study") => {
-                    if let Some(r) = result["reports"].as_array() {
-                        out.reports
-                            .extend(r.iter().filter_map(|v| v.as_str().map(str::to_string)));
-                    }
-                    if let Some(n) = result["note"].as_str() {
-                        out.notes.push(n.to_string());
-                    }
-                }
-                (Some(JobState::Done), _) => {}
-                (Some(JobState::Dead), _) => out.notes.push(format!(
-                    "{kind} job {} failed: {}",
-                    job.id,
-                    job.last_error.unwrap_or_default()
-                )),
-                _ if kind == "imaging-study" => out.notes.push(format!(
-                    "analysis still running after {} s (job {}); its DiagnosticReport will reference the ImagingStudy",
-                    wait.as_secs(),
-                    job.id
-                )),
-                _ => {}
+            .collect()
+    }
+
+    /// Ids of the jobs that writing `written` enqueued (for the asynchronous request status).
+    ///
+    /// # Errors
+    /// [`crate::store::StoreError`] when the queue cannot be read.
+    pub async fn triggered_jobs(
+        &self,
+        written: &[Stored],
+    ) -> Result<Vec<String>, crate::store::StoreError> {
+        let mut ids = Vec::new();
+        for (kind, subject) in self.triggered(written) {
+            if let Some(j) = self
+                .store
+                .jobs(None, Some(kind), Some(&subject), 1, 0)
+                .await?
+                .pop()
+            {
+                ids.push(j.id);
             }
         }
-        out
+        self.ingest.wake().notify_one();
+        Ok(ids)
     }
 
     /// The job workers of this process, running every kind of job through [`Self::run_job`].
@@ -247,6 +251,44 @@ impl AppState {
             }
         }
     }
+}
+
+/// Whether a job has finished (done, or dead after its last attempt).
+pub fn job_finished(j: &Job) -> bool {
+    j.state == "done" || j.state == "dead"
+}
+
+/// What finished (or still running) triggered jobs produced: the DiagnosticReports of imaging
+/// analyses, and notes on what gave none.
+pub fn summarise(jobs: &[Job], waited: std::time::Duration) -> Triggered {
+    let mut out = Triggered::default();
+    for job in jobs {
+        let result = job.result.clone().unwrap_or_default();
+        match (JobState::parse(&job.state), job.kind.as_str()) {
+            (Some(JobState::Done), "imaging-study") => {
+                if let Some(r) = result["reports"].as_array() {
+                    out.reports
+                        .extend(r.iter().filter_map(|v| v.as_str().map(str::to_string)));
+                }
+                if let Some(n) = result["note"].as_str() {
+                    out.notes.push(n.to_string());
+                }
+            }
+            (Some(JobState::Done), _) => {}
+            (Some(JobState::Dead), kind) => out.notes.push(format!(
+                "{kind} job {} failed: {}",
+                job.id,
+                job.last_error.clone().unwrap_or_default()
+            )),
+            (_, "imaging-study") => out.notes.push(format!(
+                "analysis still running after {} s (job {}); its DiagnosticReport will reference the ImagingStudy",
+                waited.as_secs(),
+                job.id
+            )),
+            _ => {}
+        }
+    }
+    out
 }
 
 /// The jobs stored FHIR resources start: an analysis per ImagingStudy version (with the

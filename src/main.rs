@@ -63,10 +63,6 @@ fn serve(common: &Common) -> anyhow::Result<()> {
     rt.block_on(async move {
         let store = Store::connect(settings.database_url.as_deref(), &settings.data_dir).await?;
         tracing::info!(database = ?store.dialect(), "store open");
-        let interrupted = store.async_interrupted().await?;
-        if interrupted > 0 {
-            tracing::warn!(interrupted, "asynchronous FHIR requests interrupted by the last stop (their resources are stored)");
-        }
         let exporter = Exporter::new(
             store.clone(),
             settings.dicom.destinations.clone(),

@@ -78,19 +78,18 @@ async fn start_async(
     body: &Value,
 ) -> Result<Response, ApiError> {
     let id = uuid::Uuid::new_v4().to_string();
+    // the jobs were enqueued with the resources: the status follows them, across restarts
+    let jobs = state.triggered_jobs(&written).await?;
     state
         .store
-        .async_start(&id, i64::from(status.as_u16()), location.as_deref(), body)
+        .async_start(
+            &id,
+            i64::from(status.as_u16()),
+            location.as_deref(),
+            body,
+            &jobs,
+        )
         .await?;
-    let (st, job) = (state.clone(), id.clone());
-    tokio::spawn(async move {
-        let t = st
-            .fhir_written_within(&written, std::time::Duration::from_secs(3600))
-            .await;
-        if let Err(e) = st.store.async_finish(&job, &t.reports, &t.notes).await {
-            tracing::error!(job = %job, "async request status not recorded: {e}");
-        }
-    });
     let mut r = fhir_json(
         StatusCode::ACCEPTED,
         &crate::fhir::outcome(
@@ -112,7 +111,7 @@ pub async fn async_status(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let job = state
+    let mut job = state
         .store
         .async_job(&id)
         .await?
@@ -120,17 +119,30 @@ pub async fn async_status(
     let base = fhir_base(&state, &headers);
     match job.state.as_str() {
         "running" => {
-            let mut r = StatusCode::ACCEPTED.into_response();
-            r.headers_mut()
-                .insert("x-progress", HeaderValue::from_static("analysing"));
-            return Ok(r);
+            let mut jobs = Vec::new();
+            for j in &job.jobs {
+                jobs.extend(state.store.job(j).await?);
+            }
+            let finished = jobs.iter().filter(|j| crate::app::job_finished(j)).count();
+            if finished < jobs.len() {
+                let mut r = StatusCode::ACCEPTED.into_response();
+                let progress = format!("analysing: {finished} of {} jobs finished", jobs.len());
+                if let Ok(v) = HeaderValue::from_str(&progress) {
+                    r.headers_mut().insert("x-progress", v);
+                }
+                return Ok(r);
+            }
+            let t = crate::app::summarise(&jobs, std::time::Duration::ZERO);
+            state.store.async_finish(&id, &t.reports, &t.notes).await?;
+            (job.reports, job.notes) = (t.reports, t.notes);
         }
         "interrupted" => {
+            // rows of versions before the job queue, whose analyses ran in memory
             return Err(ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "incomplete",
                 "the server restarted while this request's analyses ran; its resources are stored, post the ImagingStudy again to analyse it",
-            ))
+            ));
         }
         _ => {}
     }

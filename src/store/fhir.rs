@@ -388,6 +388,8 @@ pub struct AsyncJob {
     pub reports: Vec<String>,
     /// Why there is no report.
     pub notes: Vec<String>,
+    /// Ids of the jobs the request's resources enqueued.
+    pub jobs: Vec<String>,
 }
 
 impl Store {
@@ -401,16 +403,18 @@ impl Store {
         status: i64,
         location: Option<&str>,
         body: &Value,
+        jobs: &[String],
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO fhir_async (id, created, state, status, location, body, reports, notes) \
-             VALUES ($1, $2, 'running', $3, $4, $5, '[]', '[]')",
+            "INSERT INTO fhir_async (id, created, state, status, location, body, reports, notes, jobs) \
+             VALUES ($1, $2, 'running', $3, $4, $5, '[]', '[]', $6)",
         )
         .bind(id)
         .bind(index::instant(chrono::Utc::now()))
         .bind(status)
         .bind(location)
         .bind(serde_json::to_string(body)?)
+        .bind(serde_json::to_string(jobs)?)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -435,27 +439,13 @@ impl Store {
         Ok(())
     }
 
-    /// Requests still `running` when the process stopped: their resources are stored, what
-    /// they triggered did not finish. Marked `interrupted`; returns how many.
-    ///
-    /// # Errors
-    /// [`StoreError::Db`].
-    pub async fn async_interrupted(&self) -> Result<u64, StoreError> {
-        Ok(
-            sqlx::query("UPDATE fhir_async SET state = 'interrupted' WHERE state = 'running'")
-                .execute(&self.pool)
-                .await?
-                .rows_affected(),
-        )
-    }
-
     /// One asynchronous request.
     ///
     /// # Errors
     /// [`StoreError::Db`] or a stored value that no longer parses.
     pub async fn async_job(&self, id: &str) -> Result<Option<AsyncJob>, StoreError> {
         let Some(r) = sqlx::query(
-            "SELECT id, state, status, location, body, reports, notes FROM fhir_async WHERE id = $1",
+            "SELECT id, state, status, location, body, reports, notes, jobs FROM fhir_async WHERE id = $1",
         )
         .bind(id)
         .fetch_optional(&self.pool)
@@ -472,6 +462,7 @@ impl Store {
             body: serde_json::from_str(&text("body")?)?,
             reports: serde_json::from_str(&text("reports")?)?,
             notes: serde_json::from_str(&text("notes")?)?,
+            jobs: serde_json::from_str(&text("jobs")?)?,
         }))
     }
 }
