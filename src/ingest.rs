@@ -58,7 +58,7 @@ impl IngestError {
             Self::StudyMismatch { .. } => status::DATASET_MISMATCH,
             Self::OutOfResources(_) => status::OUT_OF_RESOURCES,
             Self::Store(StoreError::Io(_)) => status::OUT_OF_RESOURCES,
-            Self::Store(e) if e.is_unavailable() => status::OUT_OF_RESOURCES,
+            Self::Store(e) if e.is_unavailable() || e.is_storage_full() => status::OUT_OF_RESOURCES,
             Self::Store(_) => status::PROCESSING_FAILURE,
         }
     }

@@ -871,3 +871,92 @@ fn a_full_queue_or_disk_refuses_with_503_and_a700() {
     let (s, _) = get_json(server.http, &format!("/v1/instances/{}", uploads[5].sop));
     assert_eq!(s, 404);
 }
+
+/// A small tmpfs mounted for one test (root only), unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount a tmpfs (the tests run as root)");
+        Self(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_really_full_disk_refuses_and_keeps_what_it_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    // the blobs on a 1 MiB file system with no watermark, the database elsewhere
+    let data = dir.path().join("blobs");
+    let disk = Tmpfs::mount(&data, "1m");
+    let db = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("carina.db").display()
+    );
+    let log = dir.path().join("carina.log");
+    let uploads = make_uploads(&dir.path().join("in"), 60, 60);
+    let server = start(&Opts {
+        data: &data,
+        log: &log,
+        db: Some(&db),
+        ip: "127.0.0.1",
+        http_port: None,
+        env: vec![("CARINA_WORKERS", "0".into())],
+    });
+    let mut acked = Vec::new();
+    let mut refused = None;
+    for (i, u) in uploads.iter().enumerate() {
+        let (s, h) = stow(server.http, &std::fs::read(&u.path).unwrap()).unwrap();
+        match s {
+            200 => acked.push(u),
+            503 => {
+                assert!(h.contains_key("retry-after"));
+                refused = Some(i);
+                break;
+            }
+            other => panic!("STOW on a full disk answered {other}"),
+        }
+    }
+    let first_refused = refused.expect("the 1 MiB disk fills up");
+    assert!(!acked.is_empty());
+    // C-STORE of the next one: A700, and the association goes on
+    let next = &uploads[first_refused + 1];
+    let statuses = c_store(server.dimse, std::slice::from_ref(&next.path));
+    assert_eq!(statuses, vec![(next.sop.clone(), Some(0xA700))]);
+    let (ready, body) = get_json(server.http, "/readyz");
+    eprintln!(
+        "full disk after {} uploads: 503 + Retry-After, C-STORE A700; /readyz {ready} {}",
+        acked.len(),
+        body["checks"]
+    );
+    for u in &acked {
+        let (s, st) = get_json(server.http, &format!("/v1/instances/{}", u.sop));
+        assert_eq!(s, 200);
+        let (_, jobs) = get_json(server.http, &format!("/v1/jobs?subject={}", u.sop));
+        assert_eq!(jobs["jobs"].as_array().unwrap().len(), 1, "{st}");
+    }
+    for u in &uploads[first_refused..=first_refused + 1] {
+        let (s, _) = get_json(server.http, &format!("/v1/instances/{}", u.sop));
+        assert_eq!(s, 404, "a refused instance is not kept");
+    }
+    let (visible, temp) = check_blobs(&data);
+    assert_eq!(
+        (visible, temp),
+        (acked.len(), 0),
+        "whole files only, no leftovers"
+    );
+    drop(server);
+    drop(disk);
+}

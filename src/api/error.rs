@@ -119,6 +119,14 @@ impl From<crate::ingest::ProcessError> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
+        if e.is_storage_full() {
+            tracing::warn!(error = %e, "storage full");
+            return Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "transient",
+                "out of storage space; nothing was kept, try again later",
+            );
+        }
         if e.is_unavailable() {
             tracing::warn!(error = %e, "database unavailable");
             return Self::new(

@@ -50,6 +50,9 @@ impl From<StoreError> for FhirError {
             e if e.is_unavailable() => {
                 FhirError::Unavailable(format!("the database is unavailable: {e}"))
             }
+            e if e.is_storage_full() => {
+                FhirError::Unavailable("out of storage space; nothing was kept".into())
+            }
             other => FhirError::Store(other),
         }
     }

@@ -49,6 +49,23 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether the blob file system is full (ENOSPC, EDQUOT): answered 503 / A700, not 500.
+    pub fn is_storage_full(&self) -> bool {
+        match self {
+            Self::Io(e) => {
+                e.kind() == std::io::ErrorKind::StorageFull
+                    || e.kind() == std::io::ErrorKind::QuotaExceeded
+                    || matches!(e.raw_os_error(), Some(28 | 122))
+            }
+            // SQLITE_FULL
+            Self::Db(e) => e
+                .as_database_error()
+                .and_then(|d| d.code())
+                .is_some_and(|c| c == "13"),
+            _ => false,
+        }
+    }
+
     /// Whether the failure is the database being unreachable (answered 503, not 500).
     pub fn is_unavailable(&self) -> bool {
         match self {
