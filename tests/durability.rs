@@ -451,6 +451,10 @@ fn kill_9_during_uploads_loses_nothing_acknowledged() {
         logged.lines().any(|l| l.contains("\"job_id\"")),
         "job ids logged"
     );
+    assert!(
+        logged.lines().any(|l| l.contains("\"request_id\"")),
+        "request ids logged"
+    );
 }
 
 // ---------------------------------------------------------------- HAProxy + 2 replicas
@@ -901,10 +905,8 @@ fn a_really_full_disk_refuses_and_keeps_what_it_acknowledged() {
     // the blobs on a 1 MiB file system with no watermark, the database elsewhere
     let data = dir.path().join("blobs");
     let disk = Tmpfs::mount(&data, "1m");
-    let db = format!(
-        "sqlite://{}?mode=rwc",
-        dir.path().join("carina.db").display()
-    );
+    // (a user's sqlite:// URL: the file is created when missing)
+    let db = format!("sqlite://{}", dir.path().join("carina.db").display());
     let log = dir.path().join("carina.log");
     let uploads = make_uploads(&dir.path().join("in"), 60, 60);
     let server = start(&Opts {

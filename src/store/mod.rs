@@ -145,6 +145,12 @@ impl Store {
             str::to_string,
         );
         let dialect = Dialect::of_url(&url).ok_or(StoreError::Url)?;
+        // an SQLite file named by the user is created when missing, like the default one
+        let url = if dialect == Dialect::Sqlite && !url.contains("mode=") {
+            format!("{url}{}mode=rwc", if url.contains('?') { '&' } else { '?' })
+        } else {
+            url
+        };
         let options = AnyPoolOptions::new()
             .acquire_timeout(Duration::from_secs(5))
             .idle_timeout(Duration::from_secs(300));
