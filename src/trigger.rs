@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 use crate::app::AppState;
 use crate::fhir::index::normalise_reference;
 use crate::imaging::MediaType;
+use crate::ingest::Accepted;
 use crate::store::fhir::{Stored, Write};
 use crate::store::{Query, Source};
 
@@ -107,7 +108,11 @@ async fn wado_base(
 
 /// Fetches `{base}{path}` as multipart/related DICOM and ingests every part. Returns the SOP
 /// Instance UIDs stored.
-async fn fetch_and_ingest(state: &AppState, base: &str, path: &str) -> Result<Vec<String>, String> {
+async fn fetch_and_ingest(
+    state: &AppState,
+    base: &str,
+    path: &str,
+) -> Result<Vec<Accepted>, String> {
     let rest = base
         .strip_prefix("http://")
         .ok_or_else(|| format!("only http:// WADO-RS endpoints are supported: {base}"))?;
@@ -176,7 +181,7 @@ async fn fetch_and_ingest(state: &AppState, base: &str, path: &str) -> Result<Ve
             .receive_claimed(bytes, Source::Wado)
             .await
             .map_err(|e| e.to_string())?;
-        stored.push(accepted.index.sop_instance_uid);
+        stored.push(accepted);
     }
     Ok(stored)
 }
@@ -230,8 +235,10 @@ pub async fn analyse_imaging_study(
             return analyse_attached(state, study, bytes, media).await;
         }
     }
-    // 3. the rest by WADO-RS from the study's endpoint
+    // 3. the rest by WADO-RS from the study's endpoint (their analysis jobs are claimed by this
+    //    process: the one analysed below finishes its job, the others are released to workers)
     let mut fetch_note = None;
+    let mut claimed: HashMap<String, Accepted> = HashMap::new();
     if need_more {
         match (endpoint, &u.study) {
             (Some(base), Some(study_uid)) => {
@@ -249,7 +256,12 @@ pub async fn analyse_imaging_study(
                 };
                 for p in paths {
                     match fetch_and_ingest(state, &base, &p).await {
-                        Ok(sops) => have.extend(sops),
+                        Ok(got) => {
+                            for a in got {
+                                have.push(a.index.sop_instance_uid.clone());
+                                claimed.insert(a.index.sop_instance_uid.clone(), a);
+                            }
+                        }
                         Err(e) => fetch_note = Some(e),
                     }
                 }
@@ -269,13 +281,31 @@ pub async fn analyse_imaging_study(
     }
     // 4. analyse the first instance that routes to a model
     let mut last_err = fetch_note.unwrap_or_else(|| "no instance could be analysed".into());
+    let mut analysis = None;
     for sop in &have {
-        match state.ingest.process(sop, None).await {
-            Ok(a) => return store_report(state, study, &a.bundle).await,
+        let result = match claimed.remove(sop) {
+            Some(accepted) => state.ingest.process_claimed(&accepted, None).await,
+            None => state.ingest.process(sop, None).await,
+        };
+        match result {
+            Ok(a) => {
+                analysis = Some(a);
+                break;
+            }
             Err(e) => last_err = format!("{sop}: {e}"),
         }
     }
-    Err(last_err)
+    let owner = &state.ingest.job_settings().owner;
+    for job in claimed.values().filter_map(|a| a.job.as_deref()) {
+        if let Err(e) = state.store.release_job(job, owner).await {
+            tracing::warn!(error = %e, "cannot release an analysis job (its lease will expire)");
+        }
+    }
+    state.ingest.wake().notify_one();
+    match analysis {
+        Some(a) => store_report(state, study, &a.bundle).await,
+        None => Err(last_err),
+    }
 }
 
 /// An image in a Binary or Media of the same Bundle: its bytes and media type.

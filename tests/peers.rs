@@ -478,6 +478,15 @@ async fn imaging_study_pixels_come_from_orthanc_by_wado_rs() {
         .unwrap()
         .unwrap();
     assert_eq!(st.source, "wado");
+    // its analysis job is finished by the request that fetched it, not left leased
+    let jobs = n
+        .ingest
+        .store()
+        .jobs(None, Some("analyse"), Some(sop), 10, 0)
+        .await
+        .unwrap();
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].state, "done", "{jobs:?}");
     // the report references the ImagingStudy and its subject, and is searchable
     let resp: serde_json::Value = serde_json::from_str(&body).unwrap();
     let study_loc = resp["entry"][2]["response"]["location"].as_str().unwrap();
