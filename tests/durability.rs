@@ -854,6 +854,16 @@ fn a_full_queue_or_disk_refuses_with_503_and_a700() {
         let (s, _) = get_json(server.http, &format!("/v1/instances/{}", u.sop));
         assert_eq!(s, 404, "a refused instance is not kept");
     }
+    let (_, _, metrics) = request(server.http, "GET", "/metrics", &[], &[]).unwrap();
+    let metrics = String::from_utf8(metrics).unwrap();
+    for line in [
+        "carina_dimse_stores_total{status=\"0xa700\"} 1",
+        "carina_dimse_associations_total{outcome=\"accepted\"} 1",
+        "carina_jobs{kind=\"analyse\",state=\"queued\"} 3",
+        "carina_http_requests_total{method=\"POST\",route=\"/dicomweb/studies\",status=\"503\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
     server.kill9();
     // a disk below the watermark: 503 over HTTP, association refused over DIMSE
     let server = start(&Opts {

@@ -214,6 +214,19 @@ async fn jobs_api_lists_by_state_and_shows_one() {
     assert_eq!(v["resourceType"], "OperationOutcome");
     let (s, _) = get("/v1/jobs/no-such-job".into()).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
+    // an analysis, so inference and Grad-CAM are measured
+    let jpg = std::fs::read(common::fixtures().join("images/hannover_4d98e1de.jpg")).unwrap();
+    let r = app
+        .clone()
+        .oneshot(
+            Request::post("/v1/analyze")
+                .header("content-type", "image/jpeg")
+                .body(Body::from(jpg))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
     // the queue depth is in /metrics
     let r = app
         .clone()
@@ -232,4 +245,12 @@ async fn jobs_api_lists_by_state_and_shows_one() {
         ),
         "{text}"
     );
+    for family in [
+        "carina_inference_duration_seconds_count{model=",
+        "carina_inference_batch_size_count{model=",
+        "carina_gradcam_duration_seconds_count{model=",
+        "carina_http_request_duration_seconds_bucket{method=\"POST\",route=\"/v1/analyze\",le=\"+Inf\"} 1",
+    ] {
+        assert!(text.contains(family), "{family} in\n{text}");
+    }
 }
