@@ -32,6 +32,9 @@ pub enum FhirError {
     /// `If-Match` or conditional create conflicts (412, `conflict`).
     #[error("{0}")]
     Conflict(String),
+    /// A concurrent update of the same resource won (409, `conflict`): send it again.
+    #[error("{0}")]
+    Concurrent(String),
     /// An interaction this server does not implement (405 or 400, `not-supported`).
     #[error("{0}")]
     NotSupported(String),
@@ -47,6 +50,7 @@ impl From<StoreError> for FhirError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Conflict(m) => FhirError::Conflict(m),
+            StoreError::Concurrent(m) => FhirError::Concurrent(m),
             e if e.is_unavailable() => {
                 FhirError::Unavailable(format!("the database is unavailable: {e}"))
             }
@@ -66,6 +70,7 @@ impl FhirError {
             FhirError::UnknownType(_) | FhirError::NotFound(_) => 404,
             FhirError::Unprocessable(_) => 422,
             FhirError::Conflict(_) => 412,
+            FhirError::Concurrent(_) => 409,
             FhirError::NotSupported(_) => 405,
             FhirError::Unavailable(_) => 503,
             FhirError::Store(_) => 500,
@@ -79,7 +84,7 @@ impl FhirError {
             FhirError::UnknownType(_) | FhirError::NotSupported(_) => "not-supported",
             FhirError::NotFound(_) => "not-found",
             FhirError::Unprocessable(_) => "processing",
-            FhirError::Conflict(_) => "conflict",
+            FhirError::Conflict(_) | FhirError::Concurrent(_) => "conflict",
             FhirError::Unavailable(_) => "transient",
             FhirError::Store(_) => "exception",
         }

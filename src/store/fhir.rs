@@ -50,7 +50,7 @@ impl Store {
     /// [`StoreError::Db`] otherwise.
     pub async fn fhir_write(&self, writes: Vec<Write>) -> Result<Vec<Stored>, StoreError> {
         let now = index::instant(chrono::Utc::now());
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let mut out = Vec::with_capacity(writes.len());
         for mut w in writes {
             let current: Option<i64> = sqlx::query_scalar(
@@ -98,7 +98,14 @@ impl Store {
             .bind(&now)
             .bind(serde_json::to_string(&w.body)?)
             .execute(&mut *tx)
-            .await?;
+            .await
+            .map_err(|e| match e.as_database_error() {
+                Some(d) if d.is_unique_violation() => StoreError::Concurrent(format!(
+                    "{}/{} was updated by another request at the same time; send it again",
+                    w.resource_type, w.id
+                )),
+                _ => StoreError::Db(e),
+            })?;
             sqlx::query("DELETE FROM fhir_index WHERE resource_type = $1 AND id = $2")
                 .bind(&w.resource_type)
                 .bind(&w.id)

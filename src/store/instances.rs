@@ -238,7 +238,7 @@ impl Store {
         result_of: Option<&str>,
         job: Option<(&NewJob, Option<(&str, std::time::Duration)>)>,
     ) -> Result<(bool, Option<String>), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let r = sqlx::query(
             "INSERT INTO dicom_instances (sop_instance_uid, sop_class_uid, study_uid, series_uid, \
              transfer_syntax, patient_id, patient_name, patient_birth_date, patient_sex, study_date, \

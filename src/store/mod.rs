@@ -43,6 +43,9 @@ pub enum StoreError {
     /// A write conflicted with the current state (a stale `If-Match` version).
     #[error("conflict: {0}")]
     Conflict(String),
+    /// A concurrent write to the same resource won (PostgreSQL); retrying succeeds.
+    #[error("concurrent write: {0}")]
+    Concurrent(String),
     /// The database URL names no supported database.
     #[error("unsupported database URL (use sqlite://FILE or postgres://…)")]
     Url,
@@ -193,6 +196,20 @@ impl Store {
     pub fn with_fhir_triggers(mut self, triggers: FhirTriggers) -> Self {
         self.triggers = Some(triggers);
         self
+    }
+
+    /// Begins a write transaction: `BEGIN IMMEDIATE` on SQLite, so a transaction that reads
+    /// before it writes waits for the write lock up front instead of failing when it upgrades.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub(crate) async fn begin_write(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
+        Ok(match self.dialect {
+            Dialect::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Dialect::Postgres => self.pool.begin().await?,
+        })
     }
 
     /// Which database this store uses.
