@@ -65,6 +65,8 @@ pub struct JobsSettings {
     pub max_backlog: i64,
     /// Seconds a running job may go on after a shutdown signal before its lease is released.
     pub shutdown_grace_secs: u64,
+    /// Days finished jobs are kept before they are pruned (0: forever; dead jobs are kept).
+    pub keep_done_days: u64,
 }
 
 impl Default for JobsSettings {
@@ -76,6 +78,7 @@ impl Default for JobsSettings {
             backoff_secs: 2,
             max_backlog: 10_000,
             shutdown_grace_secs: 20,
+            keep_done_days: 7,
         }
     }
 }
@@ -91,6 +94,9 @@ impl JobsSettings {
             backoff: std::time::Duration::from_secs(self.backoff_secs.max(1)),
             max_attempts: self.max_attempts.max(1),
             grace: std::time::Duration::from_secs(self.shutdown_grace_secs),
+            keep_done: (self.keep_done_days > 0).then(|| {
+                std::time::Duration::from_secs(self.keep_done_days.saturating_mul(86_400))
+            }),
         }
     }
 }

@@ -31,6 +31,8 @@ pub struct JobSettings {
     pub max_attempts: i64,
     /// How long a job may go on after a shutdown signal before its lease is released.
     pub grace: Duration,
+    /// How long finished jobs are kept before they are pruned (`None`: forever).
+    pub keep_done: Option<Duration>,
 }
 
 impl Default for JobSettings {
@@ -43,6 +45,7 @@ impl Default for JobSettings {
             backoff: Duration::from_secs(2),
             max_attempts: 5,
             grace: Duration::from_secs(20),
+            keep_done: Some(Duration::from_secs(7 * 24 * 3600)),
         }
     }
 }
@@ -103,6 +106,9 @@ impl Worker {
     /// Runs the worker loops until `stop` turns true (or its sender is dropped) and every loop
     /// has finished or released its job.
     pub async fn run(self, stop: watch::Receiver<bool>) {
+        if let (Some(keep), true) = (self.settings.keep_done, self.settings.concurrency > 0) {
+            tokio::spawn(prune(self.store.clone(), keep, stop.clone()));
+        }
         let loops: Vec<_> = (0..self.settings.concurrency)
             .map(|_| tokio::spawn(self.clone().run_loop(stop.clone())))
             .collect();
@@ -217,5 +223,22 @@ impl Worker {
         }
         .instrument(span)
         .await;
+    }
+}
+
+/// Deletes jobs finished longer than `keep` ago, hourly, until `stop`.
+async fn prune(store: Store, keep: Duration, mut stop: watch::Receiver<bool>) {
+    loop {
+        let cutoff = chrono::Utc::now()
+            - chrono::Duration::from_std(keep).unwrap_or(chrono::Duration::days(7));
+        match store.prune_jobs(cutoff).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(pruned = n, "finished jobs pruned"),
+            Err(e) => tracing::warn!(error = %e, "cannot prune finished jobs"),
+        }
+        tokio::select! {
+            r = stop.changed() => if r.is_err() || *stop.borrow() { return },
+            () = tokio::time::sleep(Duration::from_secs(3600)) => {}
+        }
     }
 }

@@ -115,6 +115,26 @@ async fn lease_expiry_retry_backoff_and_dead_letter() {
     assert_eq!(j.state, "dead");
     assert!(j.last_error.unwrap().contains("lease expired"));
 
+    // pruning removes finished jobs older than the cutoff, never dead ones
+    let future = chrono::Utc::now() + chrono::Duration::seconds(5);
+    assert_eq!(
+        store
+            .prune_jobs(chrono::Utc::now() - chrono::Duration::days(1))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        store.prune_jobs(future).await.unwrap(),
+        1,
+        "the one done job"
+    );
+    assert!(store.job(&id2).await.unwrap().is_none());
+    assert!(
+        store.job(&id).await.unwrap().is_some(),
+        "dead jobs are kept"
+    );
+
     let counts = store.job_counts().await.unwrap();
     let dead = counts
         .iter()

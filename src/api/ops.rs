@@ -108,12 +108,15 @@ pub async fn observe(req: Request, next: Next) -> Response {
     let status = resp.status();
     let secs = started.elapsed().as_secs_f64();
     metrics::global().observe_request(&method, &route, status.as_u16(), secs);
+    // probes (HAProxy checks /readyz twice a second) log at debug, everything else at info
+    let probe = matches!(route.as_str(), "/healthz" | "/readyz" | "/metrics");
     span.in_scope(|| {
-        tracing::info!(
-            status = status.as_u16(),
-            ms = (secs * 1000.0).round(),
-            "request"
-        );
+        let ms = (secs * 1000.0).round();
+        if probe && status.is_success() {
+            tracing::debug!(status = status.as_u16(), ms, "request");
+        } else {
+            tracing::info!(status = status.as_u16(), ms, "request");
+        }
     });
     let h = resp.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&request_id) {

@@ -125,6 +125,11 @@ fn job_from(r: &AnyRow) -> Result<Job, StoreError> {
     })
 }
 
+/// RFC 3339 now, UTC, microseconds, fixed width (so text comparison orders it).
+fn stamp() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, false)
+}
+
 /// Unix milliseconds now.
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -154,7 +159,7 @@ impl Store {
         claimed_by: Option<(&str, Duration)>,
     ) -> Result<Option<String>, StoreError> {
         let id = uuid::Uuid::new_v4().to_string();
-        let now = chrono::Utc::now().to_rfc3339();
+        let now = stamp();
         let (state, attempts, owner, until) = match claimed_by {
             Some((owner, lease)) => (
                 "running",
@@ -208,7 +213,7 @@ impl Store {
         lease: Duration,
     ) -> Result<Vec<Job>, StoreError> {
         let now = now_ms();
-        let stamp = chrono::Utc::now().to_rfc3339();
+        let stamp = stamp();
         sqlx::query(
             "UPDATE jobs SET state = 'dead', updated = $1, last_error = \
              COALESCE(last_error || '; ', '') || 'lease expired on the last allowed attempt (the worker stopped)' \
@@ -271,7 +276,7 @@ impl Store {
              WHERE id = $3 AND lease_owner = $4 AND state = 'running'",
         )
         .bind(serde_json::to_string(result)?)
-        .bind(chrono::Utc::now().to_rfc3339())
+        .bind(stamp())
         .bind(id)
         .bind(owner)
         .execute(&self.pool)
@@ -310,7 +315,7 @@ impl Store {
         .bind(state.as_str())
         .bind(error)
         .bind(now_ms() + ms(backoff(base, job.attempts)))
-        .bind(chrono::Utc::now().to_rfc3339())
+        .bind(stamp())
         .bind(id)
         .bind(owner)
         .execute(&self.pool)
@@ -329,7 +334,7 @@ impl Store {
              run_at = $1, updated = $2 WHERE id = $3 AND lease_owner = $4 AND state = 'running'",
         )
         .bind(now_ms())
-        .bind(chrono::Utc::now().to_rfc3339())
+        .bind(stamp())
         .bind(id)
         .bind(owner)
         .execute(&self.pool)
@@ -392,6 +397,22 @@ impl Store {
         rows.iter()
             .map(|r| Ok((r.try_get("kind")?, r.try_get("state")?, r.try_get("n")?)))
             .collect()
+    }
+
+    /// Deletes finished (`done`) jobs last changed before `before` (RFC 3339); dead jobs are
+    /// kept for people to look at. Returns how many were deleted.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub async fn prune_jobs(
+        &self,
+        before: chrono::DateTime<chrono::Utc>,
+    ) -> Result<u64, StoreError> {
+        let r = sqlx::query("DELETE FROM jobs WHERE state = 'done' AND updated < $1")
+            .bind(before.to_rfc3339_opts(chrono::SecondsFormat::Micros, false))
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
     }
 
     /// Jobs not finished (queued or running): the backlog that backpressure limits.
