@@ -74,7 +74,10 @@ impl AppState {
         risk: &RiskSettings,
     ) -> Result<Self, String> {
         let risk = RiskService::new(&models.tabular, risk)?.map(Arc::new);
-        let store = store.with_fhir_triggers(fhir_triggers(risk.clone()));
+        let (hook_risk, max_attempts) = (risk.clone(), ingest.job_settings().max_attempts);
+        let store = store.with_fhir_triggers(Arc::new(move |written: &[Stored]| {
+            trigger_jobs(hook_risk.as_deref(), written, max_attempts)
+        }));
         Ok(Self {
             models,
             store,
@@ -106,57 +109,44 @@ impl AppState {
         written: &[Stored],
         wait: std::time::Duration,
     ) -> Triggered {
-        let mut notes = Vec::new();
-        let triggered = self.triggered(written);
-        if triggered.is_empty() {
-            return Triggered::default();
-        }
-        self.ingest.wake().notify_one();
+        let ids = match self.triggered_jobs(written).await {
+            Ok(ids) => ids,
+            Err(e) => {
+                return Triggered {
+                    notes: vec![format!("cannot read the job queue: {e}")],
+                    ..Triggered::default()
+                }
+            }
+        };
         let deadline = tokio::time::Instant::now() + wait;
         let mut jobs = Vec::new();
-        for (kind, subject) in triggered {
-            let job = loop {
-                let job = match self
-                    .store
-                    .jobs(None, Some(kind), Some(&subject), 1, 0)
-                    .await
-                {
-                    Ok(mut j) => j.pop(),
+        let mut notes = Vec::new();
+        for id in ids {
+            loop {
+                match self.store.job(&id).await {
+                    Ok(Some(job))
+                        if job_finished(&job) || tokio::time::Instant::now() >= deadline =>
+                    {
+                        jobs.push(job);
+                        break;
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
                     Err(e) => {
                         notes.push(format!("cannot read the job queue: {e}"));
-                        break None;
+                        break;
                     }
-                };
-                let finished = job.as_ref().is_some_and(job_finished);
-                if finished || tokio::time::Instant::now() >= deadline {
-                    break job;
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            };
-            jobs.extend(job);
+            }
         }
         let mut out = summarise(&jobs, wait);
         out.notes.extend(notes);
         out
     }
 
-    /// The jobs (kind, subject) that writing `written` enqueued (see [`fhir_triggers`]).
-    fn triggered(&self, written: &[Stored]) -> Vec<(&'static str, String)> {
-        self.risk
-            .as_ref()
-            .map_or_else(Vec::new, |r| crate::risk::affected_patients(r, written))
-            .into_iter()
-            .map(|p| ("risk", p))
-            .chain(
-                written
-                    .iter()
-                    .filter(|s| s.resource_type == "ImagingStudy")
-                    .map(|s| ("imaging-study", format!("ImagingStudy/{}", s.id))),
-            )
-            .collect()
-    }
-
-    /// Ids of the jobs that writing `written` enqueued (for the asynchronous request status).
+    /// Ids of the jobs that writing `written` enqueued (the newest of each kind and subject
+    /// [`trigger_jobs`] names), and wakes the workers.
     ///
     /// # Errors
     /// [`crate::store::StoreError`] when the queue cannot be read.
@@ -165,17 +155,17 @@ impl AppState {
         written: &[Stored],
     ) -> Result<Vec<String>, crate::store::StoreError> {
         let mut ids = Vec::new();
-        for (kind, subject) in self.triggered(written) {
-            if let Some(j) = self
+        // only the kinds and subjects matter here, not the attempts
+        for job in trigger_jobs(self.risk.as_deref(), written, 0) {
+            let found = self
                 .store
-                .jobs(None, Some(kind), Some(&subject), 1, 0)
-                .await?
-                .pop()
-            {
-                ids.push(j.id);
-            }
+                .jobs(None, Some(&job.kind), Some(&job.subject), 1, 0)
+                .await?;
+            ids.extend(found.into_iter().map(|j| j.id));
         }
-        self.ingest.wake().notify_one();
+        if !ids.is_empty() {
+            self.ingest.wake().notify_one();
+        }
         Ok(ids)
     }
 
@@ -293,41 +283,39 @@ pub fn summarise(jobs: &[Job], waited: std::time::Duration) -> Triggered {
 
 /// The jobs stored FHIR resources start: an analysis per ImagingStudy version (with the
 /// request's other resources, where its Endpoint or image may be), a risk assessment per
-/// patient whose features may have changed.
-fn fhir_triggers(risk: Option<Arc<RiskService>>) -> crate::store::FhirTriggers {
-    Arc::new(move |written: &[Stored]| {
-        let mut jobs = Vec::new();
-        let studies: Vec<&Stored> = written
+/// patient whose features may have changed. The store enqueues them in the write's transaction.
+fn trigger_jobs(risk: Option<&RiskService>, written: &[Stored], max_attempts: i64) -> Vec<NewJob> {
+    let mut jobs = Vec::new();
+    let studies: Vec<&Stored> = written
+        .iter()
+        .filter(|s| s.resource_type == "ImagingStudy")
+        .collect();
+    if !studies.is_empty() {
+        let with: Vec<String> = written
             .iter()
-            .filter(|s| s.resource_type == "ImagingStudy")
+            .filter(|s| s.resource_type != "ImagingStudy")
+            .map(|s| format!("{}/{}", s.resource_type, s.id))
             .collect();
-        if !studies.is_empty() {
-            let with: Vec<String> = written
-                .iter()
-                .filter(|s| s.resource_type != "ImagingStudy")
-                .map(|s| format!("{}/{}", s.resource_type, s.id))
-                .collect();
-            for s in studies {
-                jobs.push(NewJob {
-                    kind: "imaging-study".into(),
-                    subject: format!("ImagingStudy/{}", s.id),
-                    payload: serde_json::json!({ "version": s.version, "with": with }),
-                    dedupe: Some(format!("imaging-study:{}:{}", s.id, s.version)),
-                    max_attempts: 5,
-                });
-            }
+        for s in studies {
+            jobs.push(NewJob {
+                kind: "imaging-study".into(),
+                subject: format!("ImagingStudy/{}", s.id),
+                payload: serde_json::json!({ "version": s.version, "with": with }),
+                dedupe: Some(format!("imaging-study:{}:{}", s.id, s.version)),
+                max_attempts,
+            });
         }
-        if let Some(r) = &risk {
-            for p in crate::risk::affected_patients(r, written) {
-                jobs.push(NewJob {
-                    kind: "risk".into(),
-                    subject: p,
-                    payload: serde_json::json!({}),
-                    dedupe: None,
-                    max_attempts: 5,
-                });
-            }
+    }
+    if let Some(r) = risk {
+        for p in crate::risk::affected_patients(r, written) {
+            jobs.push(NewJob {
+                kind: "risk".into(),
+                subject: p,
+                payload: serde_json::json!({}),
+                dedupe: None,
+                max_attempts,
+            });
         }
-        jobs
-    })
+    }
+    jobs
 }

@@ -304,24 +304,9 @@ impl Ingest {
     ) -> Result<Analysis, ProcessError> {
         let result = self.process(&accepted.index.sop_instance_uid, model).await;
         if let Some(job) = &accepted.job {
-            let owner = &self.jobs.owner;
-            let recorded = match &result {
-                Ok(a) => self.store.finish_job(job, owner, &analysis_result(a)).await,
-                Err(ProcessError::Skipped(why)) => {
-                    let r = serde_json::json!({ "skipped": why });
-                    self.store.finish_job(job, owner, &r).await
-                }
-                Err(e) => {
-                    let retry = matches!(e, ProcessError::Store(_));
-                    let msg = e.to_string();
-                    let backoff = self.jobs.backoff;
-                    self.store
-                        .fail_job(job, owner, &msg, retry, backoff)
-                        .await
-                        .map(|_| true)
-                }
-            };
-            if let Err(e) = recorded {
+            let (owner, backoff) = (&self.jobs.owner, self.jobs.backoff);
+            let outcome = job_outcome(&result);
+            if let Err(e) = crate::worker::record(&self.store, job, owner, outcome, backoff).await {
                 tracing::warn!(error = %e, "cannot record the analysis job outcome");
             }
         }
@@ -389,12 +374,7 @@ impl Ingest {
     /// failed (the instance's state says why).
     pub async fn run_job(&self, job: &Job) -> Result<serde_json::Value, JobError> {
         let model = job.payload.get("model").and_then(|m| m.as_str());
-        match self.process(&job.subject, model).await {
-            Ok(a) => Ok(analysis_result(&a)),
-            Err(ProcessError::Skipped(why)) => Ok(serde_json::json!({ "skipped": why })),
-            Err(e @ ProcessError::Store(_)) => Err(JobError::Retry(e.to_string())),
-            Err(e) => Err(JobError::Fatal(e.to_string())),
-        }
+        job_outcome(&self.process(&job.subject, model).await)
     }
 
     /// Analyses a stored instance now (routing decides the model unless `model` is given),
@@ -504,11 +484,17 @@ impl Ingest {
     }
 }
 
-/// The result recorded for a finished analysis job.
-fn analysis_result(a: &Analysis) -> serde_json::Value {
-    serde_json::json!({
-        "analysis": a.id.to_string(),
-        "model": a.model.manifest.name,
-        "label": a.label_key(),
-    })
+/// An analysis as a job outcome: done (analysed, or skipped with the reason), retried after
+/// storage trouble, dead when the analysis itself failed (the instance's state says why).
+fn job_outcome(result: &Result<Analysis, ProcessError>) -> Result<serde_json::Value, JobError> {
+    match result {
+        Ok(a) => Ok(serde_json::json!({
+            "analysis": a.id.to_string(),
+            "model": a.model.manifest.name,
+            "label": a.label_key(),
+        })),
+        Err(ProcessError::Skipped(why)) => Ok(serde_json::json!({ "skipped": why })),
+        Err(e @ ProcessError::Store(_)) => Err(JobError::Retry(e.to_string())),
+        Err(e) => Err(JobError::Fatal(e.to_string())),
+    }
 }

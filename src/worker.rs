@@ -187,34 +187,9 @@ impl Worker {
                     tracing::info!("job released at shutdown");
                     self.store.release_job(&id, &s.owner).await.map(|_| ())
                 }
-                Some(Ok(result)) => {
-                    m.job_outcome(&kind, "done");
-                    tracing::info!("job done");
-                    self.store
-                        .finish_job(&id, &s.owner, &result)
-                        .await
-                        .map(|_| ())
-                }
-                Some(Err(e)) => {
-                    let (msg, retry) = match e {
-                        JobError::Retry(m) => (m, true),
-                        JobError::Fatal(m) => (m, false),
-                    };
-                    let state = self
-                        .store
-                        .fail_job(&id, &s.owner, &msg, retry, s.backoff)
-                        .await;
-                    if let Ok(Some(st)) = &state {
-                        let outcome = if *st == JobState::Dead {
-                            "dead"
-                        } else {
-                            "retry"
-                        };
-                        m.job_outcome(&kind, outcome);
-                        tracing::warn!(error = %msg, outcome, "job attempt failed");
-                    }
-                    state.map(|_| ())
-                }
+                Some(outcome) => record(&self.store, &id, &s.owner, outcome, s.backoff)
+                    .await
+                    .map(|name| m.job_outcome(&kind, name)),
             };
             if let Err(e) = recorded {
                 // the lease expires and the job runs again; its effects are idempotent
@@ -223,6 +198,42 @@ impl Worker {
         }
         .instrument(span)
         .await;
+    }
+}
+
+/// Records the outcome of an attempt by `owner` (who must still hold the lease): done with its
+/// result, or failed, queued again after a backoff or dead. Returns the outcome's name (`done`,
+/// `retry`, `dead`, or `lost` when the lease had gone to another worker).
+///
+/// # Errors
+/// [`crate::store::StoreError`] when it cannot be written (the lease then expires and the job
+/// runs again; its effects are idempotent).
+pub async fn record(
+    store: &Store,
+    id: &str,
+    owner: &str,
+    outcome: Result<Value, JobError>,
+    backoff: Duration,
+) -> Result<&'static str, crate::store::StoreError> {
+    match outcome {
+        Ok(result) => {
+            let held = store.finish_job(id, owner, &result).await?;
+            tracing::info!("job done");
+            Ok(if held { "done" } else { "lost" })
+        }
+        Err(e) => {
+            let (msg, retry) = match e {
+                JobError::Retry(m) => (m, true),
+                JobError::Fatal(m) => (m, false),
+            };
+            let name = match store.fail_job(id, owner, &msg, retry, backoff).await? {
+                Some(JobState::Dead) => "dead",
+                Some(_) => "retry",
+                None => "lost",
+            };
+            tracing::warn!(error = %msg, outcome = name, "job attempt failed");
+            Ok(name)
+        }
     }
 }
 

@@ -12,8 +12,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::Value;
 
+use super::base_url;
 use super::error::{body_error, ApiError};
-use super::{accepting, base_url};
 use crate::app::AppState;
 use crate::dicom::json::{self, StowItem};
 use crate::dicom::media_params;
@@ -78,7 +78,6 @@ async fn stow_impl(
             "multipart/related without a boundary",
         )
     })?;
-    accepting(&state).await?;
     let body = body.map_err(|e| body_error(e.status(), e.body_text(), state.max_body))?;
     let stream = futures_util::stream::once(async move { Ok::<_, std::io::Error>(body) });
     let mut multipart = multer::Multipart::new(stream, boundary);
@@ -159,7 +158,8 @@ async fn stow_impl(
         .map(|s| format!("{base}/studies/{s}"));
     let refused = |f: &StowItem| f.failure == Some(crate::dicom::status::OUT_OF_RESOURCES);
     if stored.is_empty() && !failed.is_empty() && failed.iter().all(refused) {
-        // nothing kept for lack of resources: a retryable 503 (Retry-After is added)
+        // nothing kept for lack of resources (disk, job backlog, database): a retryable 503
+        // (Retry-After is added); each instance was refused by the ingest's own check
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "transient",

@@ -106,23 +106,6 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Refuses new work with 503 while it could not be kept (disk below the watermark, job backlog
-/// at its limit, database down); `Retry-After` is added to every 503.
-///
-/// # Errors
-/// The 503 to answer.
-pub async fn accepting(state: &AppState) -> Result<(), error::ApiError> {
-    match state.ingest.refusal().await {
-        Ok(None) => Ok(()),
-        Ok(Some(why)) => Err(error::ApiError::new(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            "transient",
-            why,
-        )),
-        Err(e) => Err(e.into()),
-    }
-}
-
 /// The base URL for links: the configured public URL, or `http://<Host>` of the request.
 pub fn base_url(state: &AppState, headers: &HeaderMap) -> String {
     if let Some(u) = &state.public_url {
