@@ -7,6 +7,8 @@
 #   .venv/               (with --test) Python tools the tests call: FHIR R4 validators, DICOM
 #                        clients, reference decoders.
 #   tests/fhir/node_modules  (with --test) the official FHIR R4 JSON schema validator.
+#   tests/auth/node_modules  (with --test) oidc-provider + jose: the OAuth2 authorization server
+#                        and JWT tools of the auth tests.
 #   haproxy              (with --test) Debian's HAProxy, for the scale-out test (apt-get).
 #   dcmtk                (with --test) Debian's dcmtk (storescu/echoscu), a real DIMSE peer for
 #                        the tests; installed with apt-get (needs root or sudo) when missing.
@@ -101,5 +103,9 @@ if [ "$want_test" = 1 ]; then
   if [ -f tests/fhir/package.json ] && [ ! -d tests/fhir/node_modules ]; then
     echo "setup: npm install in tests/fhir" >&2
     (cd tests/fhir && npm install --no-audit --no-fund --silent)
+  fi
+  if [ -f tests/auth/package.json ] && [ ! -d tests/auth/node_modules ]; then
+    echo "setup: npm ci in tests/auth (oidc-provider authorization server for the auth tests)" >&2
+    (cd tests/auth && { npm ci --no-audit --no-fund --silent || npm install --no-audit --no-fund --silent; })
   fi
 fi

@@ -3,8 +3,10 @@
 
 use std::sync::Arc;
 
+use crate::auth::Authorizer;
 use crate::inference::Registry;
 use crate::ingest::Ingest;
+use crate::outbound::Outbound;
 use crate::risk::{RiskService, RiskSettings};
 use crate::store::fhir::Stored;
 use crate::store::{Job, JobState, NewJob, Store};
@@ -28,6 +30,13 @@ pub struct AppState {
     /// How long a FHIR request waits for the analysis it triggers before answering (the
     /// analysis goes on after that).
     pub sync_wait: std::time::Duration,
+    /// Token verification; `None` when authorization is off.
+    pub auth: Option<Arc<Authorizer>>,
+    /// The one outbound HTTP client.
+    pub outbound: Outbound,
+    /// Host header values links may be built from when `public_url` is not set (besides
+    /// loopback names).
+    pub allowed_hosts: Arc<Vec<String>>,
 }
 
 /// What stored resources triggered, for the answer.
@@ -73,6 +82,7 @@ impl AppState {
         ingest: Ingest,
         risk: &RiskSettings,
     ) -> Result<Self, String> {
+        let outbound = Outbound::with_configured(&[])?;
         let risk = RiskService::new(&models.tabular, risk)?.map(Arc::new);
         let (hook_risk, max_attempts) = (risk.clone(), ingest.job_settings().max_attempts);
         let store = store.with_fhir_triggers(Arc::new(move |written: &[Stored]| {
@@ -86,7 +96,26 @@ impl AppState {
             ingest,
             risk,
             sync_wait: std::time::Duration::from_secs(60),
+            auth: None,
+            outbound,
+            allowed_hosts: Arc::new(Vec::new()),
         })
+    }
+
+    /// Turns authorization on with `auth` (see [`crate::api::auth`]).
+    #[must_use]
+    pub fn with_auth(mut self, auth: Option<Arc<Authorizer>>) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    /// Sets the outbound client (allow-list, CA bundle, caps) and the Host values links may
+    /// use.
+    #[must_use]
+    pub fn with_outbound(mut self, outbound: Outbound, allowed_hosts: Vec<String>) -> Self {
+        self.outbound = outbound;
+        self.allowed_hosts = Arc::new(allowed_hosts);
+        self
     }
 
     /// Sets how long FHIR requests wait for the analyses they trigger.

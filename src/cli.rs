@@ -39,7 +39,7 @@ pub struct Common {
     /// Config file (default: ./carina.toml when present).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// HTTP listen address (default 0.0.0.0:8080).
+    /// HTTP listen address (default 127.0.0.1:8080; another address needs [auth] or auth.mode = "none").
     #[arg(long)]
     pub http: Option<std::net::SocketAddr>,
     /// Data folder (default ./data).

@@ -46,6 +46,13 @@ pub struct Settings {
     pub database_url: Option<String>,
     /// The job queue (`[jobs]`).
     pub jobs: JobsSettings,
+    /// Authorization (`[auth]`): bearer tokens from an OAuth2 / SMART authorization server.
+    pub auth: crate::auth::AuthSettings,
+    /// Outbound calls (`[outbound]`): allow-list, CA bundle, response cap.
+    pub outbound: crate::outbound::OutboundSettings,
+    /// Host header values links may be built from when `public_url` is unset (loopback names
+    /// are always allowed).
+    pub allowed_hosts: Vec<String>,
 }
 
 /// `[jobs]`: workers, leases, retries and backpressure.
@@ -111,7 +118,9 @@ pub struct DicomSettings {
     pub ae_title: String,
     /// Refuse associations whose called AE title is not `ae_title`.
     pub check_called_ae: bool,
-    /// Calling AE titles allowed to associate (empty: any).
+    /// Calling AE titles allowed to associate (empty: any): `AE` from any address, or
+    /// `AE@host` (an address or a name) from that host only, as PACS configurations pair them.
+    /// Required when authorization is on.
     pub allowed_calling_aes: Vec<String>,
     /// Concurrent associations; more are refused.
     pub max_associations: usize,
@@ -149,7 +158,7 @@ impl Default for DicomSettings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            http: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            http: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("./data"),
             models: PathBuf::from("./models"),
             execution_provider: ExecutionProvider::Auto,
@@ -164,6 +173,9 @@ impl Default for Settings {
             risk: crate::risk::RiskSettings::default(),
             database_url: None,
             jobs: JobsSettings::default(),
+            auth: crate::auth::AuthSettings::default(),
+            outbound: crate::outbound::OutboundSettings::default(),
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -298,8 +310,54 @@ impl Settings {
         if let Some(v) = get("CARINA_MAX_BACKLOG") {
             self.jobs.max_backlog = parse("CARINA_MAX_BACKLOG", &v)?;
         }
+        if let Some(v) = get("CARINA_AUTH_MODE") {
+            self.auth.mode = Some(match v.to_ascii_lowercase().as_str() {
+                "smart" => crate::auth::AuthMode::Smart,
+                "none" => crate::auth::AuthMode::None,
+                _ => {
+                    return Err(ConfigError::Env {
+                        name: "CARINA_AUTH_MODE".into(),
+                        message: format!("'{v}' is not smart or none"),
+                    })
+                }
+            });
+        }
+        if let Some(v) = get("CARINA_AUTH_ISSUER") {
+            self.auth.issuer = Some(v);
+        }
+        if let Some(v) = get("CARINA_AUTH_AUDIENCE") {
+            self.auth.audience = Some(v);
+        }
         if let Some(v) = get("CARINA_MIN_FREE_MB") {
             self.dicom.min_free_mb = parse("CARINA_MIN_FREE_MB", &v)?;
+        }
+        Ok(())
+    }
+
+    /// Refuses an unsafe combination at start: HTTP on a non-loopback address with no
+    /// authorization, unless `auth.mode = "none"` says so explicitly (then a warning). With
+    /// authorization on and DIMSE enabled, the calling-AE allow-list must not be empty.
+    ///
+    /// # Errors
+    /// A message saying what to configure.
+    pub fn check_security(&self) -> Result<(), String> {
+        use crate::auth::AuthMode;
+        let mode = self.auth.effective_mode();
+        if mode == AuthMode::None && !self.http.ip().is_loopback() {
+            if self.auth.mode != Some(AuthMode::None) {
+                return Err(format!(
+                    "refusing to listen on {} without authorization: configure [auth] issuer (SMART on FHIR), \
+                     or set auth.mode = \"none\" (CARINA_AUTH_MODE=none) to run open on purpose",
+                    self.http
+                ));
+            }
+            tracing::warn!(http = %self.http, "authorization is OFF on a non-loopback address (auth.mode = \"none\"): anyone who can reach it can read and write patient data");
+        }
+        if mode == AuthMode::Smart
+            && self.dicom.dimse.is_some()
+            && self.dicom.allowed_calling_aes.is_empty()
+        {
+            return Err("with [auth] on, [dicom] allowed_calling_aes must name the peers allowed to associate (e.g. [\"PACS@10.0.0.5\"])".into());
         }
         Ok(())
     }

@@ -3,6 +3,7 @@
 //! - [`config`]: settings from defaults, `carina.toml`, `CARINA_*` and flags.
 //! - [`cli`]: the `carina serve | predict | models` commands.
 //! - [`app`]: state shared by HTTP handlers.
+//! - [`auth`]: the trust boundary: bearer JWTs from the configured issuer → SMART scopes.
 //! - [`api`]: HTTP routes (the `/v1` API, the 2020 demo's `/covid19` API, web page, docs).
 //! - [`pipeline`]: the image analysis use case (decode → infer → Grad-CAM → overlay → FHIR).
 //! - [`dicom`]: DICOM parsing, routing, DICOM JSON, Secondary Capture results, DIMSE SCP.
@@ -16,10 +17,12 @@
 //! - [`trigger`]: what a stored ImagingStudy starts: finding its pixels, analysing them.
 //! - [`worker`]: job workers: leased jobs from the database queue, retries, dead letters.
 //! - [`store`]: SQL (sqlx, SQLite or PostgreSQL) and blob files.
+//! - [`outbound`]: the one outbound HTTP client: allow-list, address guard, size caps, deadlines.
 //! - [`metrics`]: Prometheus metrics.
 
 pub mod api;
 pub mod app;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod dicom;
@@ -28,6 +31,7 @@ pub mod imaging;
 pub mod inference;
 pub mod ingest;
 pub mod metrics;
+pub mod outbound;
 pub mod pipeline;
 pub mod render;
 pub mod report;

@@ -8,11 +8,13 @@ use tracing_subscriber::EnvFilter;
 
 use carina::api;
 use carina::app::AppState;
+use carina::auth::{AuthMode, Authorizer};
 use carina::cli::{self, Cli, Command, Common};
 use carina::dicom::dimse;
 use carina::dicom::export::Exporter;
 use carina::inference::Registry;
 use carina::ingest::Ingest;
+use carina::outbound::Outbound;
 use carina::store::Store;
 
 fn main() -> ExitCode {
@@ -52,6 +54,7 @@ fn main() -> ExitCode {
 
 fn serve(common: &Common) -> anyhow::Result<()> {
     let settings = common.settings()?;
+    settings.check_security().map_err(anyhow::Error::msg)?;
     // Models load (and warm up) before the async runtime exists: loading blocks.
     let models = Arc::new(Registry::load(
         &settings.models,
@@ -62,6 +65,28 @@ fn serve(common: &Common) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         let store = Store::connect(settings.database_url.as_deref(), &settings.data_dir).await?;
+        // the one outbound client: the destinations this configuration names are allowed
+        let configured: Vec<String> = settings
+            .dicom
+            .destinations
+            .iter()
+            .filter_map(|d| d.url.clone())
+            .chain(settings.risk.iris.iter().map(|i| i.url.clone()))
+            .collect();
+        let outbound = Outbound::new(&settings.outbound, &configured).map_err(anyhow::Error::msg)?;
+        let auth = match settings.auth.effective_mode() {
+            AuthMode::Smart => {
+                let fhir_base = settings
+                    .public_url
+                    .as_deref()
+                    .map(|u| format!("{}/fhir", u.trim_end_matches('/')));
+                Some(Arc::new(
+                    Authorizer::new(&settings.auth, fhir_base.as_deref(), outbound.clone())
+                        .map_err(anyhow::Error::msg)?,
+                ))
+            }
+            AuthMode::None => None,
+        };
         tracing::info!(database = ?store.dialect(), "store open");
         let exporter = Exporter::new(
             store.clone(),
@@ -86,7 +111,12 @@ fn serve(common: &Common) -> anyhow::Result<()> {
             &settings.risk,
         )
         .map_err(anyhow::Error::msg)?
-        .with_sync_wait(std::time::Duration::from_secs(settings.fhir_sync_wait_secs));
+        .with_sync_wait(std::time::Duration::from_secs(settings.fhir_sync_wait_secs))
+        .with_outbound(outbound.clone(), settings.allowed_hosts.clone())
+        .with_auth(auth.clone());
+        if let Some(a) = &auth {
+            a.warm().await;
+        }
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = |rx: tokio::sync::watch::Receiver<bool>| async move {
             let mut rx = rx;

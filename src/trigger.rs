@@ -7,7 +7,6 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
 use serde_json::{json, Value};
 
 use crate::app::AppState;
@@ -106,76 +105,73 @@ async fn wado_base(
     None
 }
 
-/// Fetches `{base}{path}` as multipart/related DICOM and ingests every part. Returns the SOP
-/// Instance UIDs stored.
+/// Whether `uid` is a DICOM UID (digits and dots, at most 64 characters): only such values go
+/// into a WADO-RS path, so an ImagingStudy cannot steer the path with `/`, `?`, `#` or `..`.
+fn is_uid(uid: &str) -> bool {
+    !uid.is_empty()
+        && uid.len() <= 64
+        && uid.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        && !uid.starts_with('.')
+        && !uid.ends_with('.')
+        && !uid.contains("..")
+}
+
+/// How long one WADO-RS retrieve may take, whole body included.
+const WADO_DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Fetches `{base}{path}` as multipart/related DICOM through the outbound client (its
+/// allow-list and address guard decide whether the Endpoint may be called at all) and
+/// ingests every part. Returns the instances stored.
 async fn fetch_and_ingest(
     state: &AppState,
     base: &str,
     path: &str,
 ) -> Result<Vec<Accepted>, String> {
-    let rest = base
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("only http:// WADO-RS endpoints are supported: {base}"))?;
-    let (authority, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-    let uri = if prefix.is_empty() {
-        path.to_string()
-    } else {
-        format!("/{}{path}", prefix.trim_end_matches('/'))
-    };
-    let stream = tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        tokio::net::TcpStream::connect(authority),
-    )
-    .await
-    .map_err(|_| format!("{authority}: connection timed out"))?
-    .map_err(|e| format!("cannot connect to {authority}: {e}"))?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    let req = hyper::Request::get(&uri)
-        .header(hyper::header::HOST, authority)
-        .header(
-            hyper::header::ACCEPT,
-            "multipart/related; type=\"application/dicom\"",
-        )
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| e.to_string())?;
-    let res = tokio::time::timeout(std::time::Duration::from_secs(60), sender.send_request(req))
-        .await
-        .map_err(|_| "WADO-RS: no answer within 60 s".to_string())?
-        .map_err(|e| e.to_string())?;
-    let status = res.status();
-    let ct = res
-        .headers()
-        .get(hyper::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
-    if !status.is_success() {
-        return Err(format!("WADO-RS {uri} answered {status}"));
+    let base_url =
+        reqwest::Url::parse(base).map_err(|_| "the Endpoint address is not a URL".to_string())?;
+    if base_url.query().is_some() || base_url.fragment().is_some() {
+        return Err("the Endpoint address has a query or fragment; not fetched".into());
     }
+    let url = format!("{}{path}", base.trim_end_matches('/'));
+    let answer = state
+        .outbound
+        .get(
+            &url,
+            &[("accept", "multipart/related; type=\"application/dicom\"")],
+            WADO_DEADLINE,
+        )
+        .await
+        .map_err(|e| format!("WADO-RS not fetched: {e}"))?;
+    if !answer.status.is_success() {
+        return Err(format!(
+            "WADO-RS {} answered {}",
+            crate::outbound::guard::redact(&reqwest::Url::parse(&url).map_err(|e| e.to_string())?),
+            answer.status.as_u16()
+        ));
+    }
+    let ct = answer.header("content-type").unwrap_or("").to_string();
     let (essence, params) = crate::dicom::media_params(&ct);
     let boundary = match (essence.as_str(), params.get("boundary")) {
         ("multipart/related", Some(b)) => b.clone(),
         _ => {
-            return Err(format!(
-                "WADO-RS answered '{ct}', not multipart/related with a boundary"
-            ))
+            return Err(
+                "WADO-RS answered something other than multipart/related with a boundary".into(),
+            )
         }
     };
-    let body = res
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
+    let body = answer.body;
     let stream = futures_util::stream::once(async move { Ok::<_, std::io::Error>(body) });
     let mut parts = multer::Multipart::new(stream, boundary);
     let mut stored = Vec::new();
-    while let Some(part) = parts.next_field().await.map_err(|e| e.to_string())? {
-        let bytes = part.bytes().await.map_err(|e| e.to_string())?;
+    while let Some(part) = parts
+        .next_field()
+        .await
+        .map_err(|_| "WADO-RS answer: malformed multipart".to_string())?
+    {
+        let bytes = part
+            .bytes()
+            .await
+            .map_err(|_| "WADO-RS answer: malformed multipart".to_string())?;
         let accepted = state
             .ingest
             .receive_claimed(bytes, Source::Wado)
@@ -241,6 +237,12 @@ pub async fn analyse_imaging_study(
     let mut claimed: HashMap<String, Accepted> = HashMap::new();
     if need_more {
         match (endpoint, &u.study) {
+            (Some(_), Some(study_uid))
+                if !is_uid(study_uid)
+                    || u.series.iter().any(|(se, sops)| !is_uid(se) || sops.iter().any(|x| !is_uid(x))) =>
+            {
+                fetch_note = Some("the ImagingStudy's UIDs are not DICOM UIDs; nothing fetched".into());
+            }
             (Some(base), Some(study_uid)) => {
                 let paths: Vec<String> = if wanted.is_empty() {
                     vec![format!("/studies/{study_uid}")]

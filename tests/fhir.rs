@@ -52,7 +52,11 @@ async fn app_full(
     let ingest = carina::ingest::Ingest::new(store.clone(), models.clone(), Vec::new(), 0, None);
     let state = carina::app::AppState::with_risk(models, store, None, max_body, ingest, risk)
         .unwrap()
-        .with_sync_wait(wait);
+        .with_sync_wait(wait)
+        .with_outbound(
+            carina::outbound::Outbound::with_configured(&[]).unwrap(),
+            vec!["carina.test".into()],
+        );
     assert!(state.risk.is_some(), "the shipped tabular model is loaded");
     tokio::spawn(state.worker().run_until(std::future::pending()));
     (carina::api::router(state), dir)
@@ -1078,4 +1082,136 @@ async fn concurrent_writes_succeed_or_conflict_never_fail() {
         (1 + updated).to_string(),
         "one version per success"
     );
+}
+
+/// Server-side request forgery: an ImagingStudy's Endpoint is only fetched when the outbound
+/// allow-list covers it and its resolved address is permitted. Two loopback listeners count
+/// connections: neither the allow-listed one (reached only through tricks) nor the victim is
+/// ever called.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imaging_study_endpoints_outside_the_allow_list_are_never_fetched() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let hits = Arc::new(AtomicUsize::new(0));
+    let mut ports = Vec::new();
+    for _ in 0..2 {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        ports.push(l.local_addr().unwrap().port());
+        let hits = hits.clone();
+        tokio::spawn(async move {
+            while let Ok((_s, _)) = l.accept().await {
+                hits.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+    }
+    let (allowed, victim) = (ports[0], ports[1]);
+    let settings = carina::outbound::OutboundSettings {
+        allow: vec![
+            carina::outbound::AllowEntry {
+                url: format!("http://127.0.0.1:{allowed}/dicom-web"),
+                allow_private: true,
+            },
+            carina::outbound::AllowEntry {
+                url: format!("http://localhost:{victim}/dicom-web"),
+                allow_private: false,
+            },
+            carina::outbound::AllowEntry {
+                url: format!("http://[::ffff:127.0.0.1]:{victim}/dicom-web"),
+                allow_private: false,
+            },
+        ],
+        ..Default::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = common::store(dir.path()).await;
+    let models = tokio::task::spawn_blocking(shipped).await.unwrap();
+    let ingest = carina::ingest::Ingest::new(store.clone(), models.clone(), Vec::new(), 0, None);
+    let state = carina::app::AppState::new(models, store, None, 64 << 20, ingest)
+        .unwrap()
+        .with_outbound(
+            carina::outbound::Outbound::new(&settings, &[]).unwrap(),
+            Vec::new(),
+        );
+    tokio::spawn(state.worker().run_until(std::future::pending()));
+    let app = carina::api::router(state);
+    let study = |address: &str, uid: &str| {
+        json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"fullUrl": "urn:uuid:00000000-0000-4000-8000-00000000f001", "request": {"method": "POST", "url": "Endpoint"},
+             "resource": {"resourceType": "Endpoint", "status": "active",
+                "connectionType": {"system": "http://terminology.hl7.org/CodeSystem/endpoint-connection-type", "code": "dicom-wado-rs"},
+                "payloadType": [{"text": "DICOM"}], "address": address}},
+            {"request": {"method": "POST", "url": "ImagingStudy"},
+             "resource": {"resourceType": "ImagingStudy", "status": "available",
+                "identifier": [{"system": "urn:dicom:uid", "value": format!("urn:oid:{uid}")}],
+                "subject": {"reference": "Patient/x"},
+                "endpoint": [{"reference": "urn:uuid:00000000-0000-4000-8000-00000000f001"}]}}
+        ]})
+    };
+    let cases = [
+        (
+            format!("http://127.0.0.1:{victim}/x"),
+            "1.2.3",
+            "not on the outbound allow-list",
+        ),
+        (
+            "http://169.254.169.254/latest/meta-data".to_string(),
+            "1.2.3",
+            "not on the outbound allow-list",
+        ),
+        (
+            format!("http://localhost:{victim}/dicom-web"),
+            "1.2.3",
+            "non-public address",
+        ),
+        (
+            format!("http://[::ffff:127.0.0.1]:{victim}/dicom-web"),
+            "1.2.3",
+            "non-public address",
+        ),
+        (
+            format!("http://127.0.0.1:{allowed}/dicom-web?@127.0.0.1:{victim}"),
+            "1.2.3",
+            "query or fragment",
+        ),
+        (
+            format!("http://127.0.0.1:{allowed}/dicom-web#@127.0.0.1:{victim}"),
+            "1.2.3",
+            "query or fragment",
+        ),
+        (
+            format!("http://127.0.0.1:{victim}/x?http://127.0.0.1:{allowed}/dicom-web"),
+            "1.2.3",
+            "query or fragment",
+        ),
+        (
+            format!("http://user@127.0.0.1:{allowed}/dicom-web"),
+            "1.2.3",
+            "not fetched",
+        ),
+        (
+            format!("http://127.0.0.1:{allowed}/dicom-web"),
+            "1.2/../../admin?x=",
+            "not DICOM UIDs",
+        ),
+    ];
+    for (address, uid, why) in &cases {
+        let got = send(&app, req("POST", "/fhir", Some(&study(address, uid)))).await;
+        assert_eq!(got.0, StatusCode::OK, "{address}: {}", got.2);
+        let notes: Vec<String> = got
+            .1
+            .get_all("x-carina-analysis")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect();
+        assert!(
+            notes.iter().any(|n| n.contains(why)),
+            "{address}: expected '{why}' in {notes:?}"
+        );
+        assert!(
+            notes
+                .iter()
+                .all(|n| !n.contains("Connection") && !n.contains("HTTP/1.1")),
+            "no peer answer is echoed: {notes:?}"
+        );
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "no connection was made");
 }

@@ -8,6 +8,7 @@
 
 mod common;
 
+use carina::outbound::AllowEntry;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ struct Node {
     http: SocketAddr,
     dimse: SocketAddr,
     ingest: Ingest,
+    outbound: carina::outbound::Outbound,
     _dir: tempfile::TempDir,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -66,6 +68,7 @@ async fn node(destinations: Vec<Destination>) -> Node {
         http: http_addr,
         dimse: dimse_addr,
         ingest,
+        outbound: state.outbound.clone(),
         _dir: dir,
         tasks,
     }
@@ -458,6 +461,34 @@ async fn imaging_study_pixels_come_from_orthanc_by_wado_rs() {
             "series": [{"uid": series, "modality": {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "DX"},
                 "instance": [{"uid": sop, "sopClass": {"system": "urn:ietf:rfc:3986", "code": "urn:oid:1.2.840.10008.5.1.4.1.1.1.1"}}]}]}}
     ]});
+    // not on the outbound allow-list: Orthanc (a loopback port) is not called at all
+    let (code, head, _) = http_send(n.http, "POST", "/fhir", &bundle.to_string()).await;
+    assert_eq!(code, 200, "{head}");
+    assert!(head.contains("not on the outbound allow-list"), "{head}");
+    assert!(n.ingest.store().instance(sop).await.unwrap().is_none());
+    // allowed by name, but the name resolves to loopback and the entry does not allow
+    // private addresses: refused on the resolved address
+    let by_name = format!("{}/dicom-web", pacs.http.replace("127.0.0.1", "localhost"));
+    n.outbound
+        .allow(&AllowEntry {
+            url: by_name.clone(),
+            allow_private: false,
+        })
+        .unwrap();
+    let renamed = bundle
+        .to_string()
+        .replace(&format!("{}/dicom-web", pacs.http), &by_name);
+    let (code, head, _) = http_send(n.http, "POST", "/fhir", &renamed).await;
+    assert_eq!(code, 200, "{head}");
+    assert!(head.contains("non-public address"), "{head}");
+    assert!(n.ingest.store().instance(sop).await.unwrap().is_none());
+    // the PACS allowed, private addresses included: fetched
+    n.outbound
+        .allow(&AllowEntry {
+            url: format!("{}/dicom-web", pacs.http),
+            allow_private: true,
+        })
+        .unwrap();
     let (code, head, body) = http_send(n.http, "POST", "/fhir", &bundle.to_string()).await;
     assert_eq!(code, 200, "{head}\n{body}");
     let link = head

@@ -4,7 +4,7 @@
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{Extension, Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
@@ -12,7 +12,8 @@ use serde_json::Value;
 use super::base_url;
 use super::error::{body_error, ApiError};
 use crate::app::AppState;
-use crate::fhir::{bundle, capability, rest, FhirError};
+use crate::auth::{Access, AuthError, Grant, Interaction};
+use crate::fhir::{bundle, capability, compartment, rest, FhirError};
 use crate::store::fhir::Stored;
 
 const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
@@ -108,9 +109,12 @@ async fn start_async(
 /// request's own answer, then each DiagnosticReport it produced.
 pub async fn async_status(
     State(state): State<AppState>,
+    Extension(access): Extension<Access>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    // its batch-response may hold any patient's reports
+    access.whole("DiagnosticReport", Interaction::Read)?;
     let mut job = state
         .store
         .async_job(&id)
@@ -199,9 +203,17 @@ fn json_body(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Value, ApiError> {
     let body = body.map_err(|e| body_error(e.status(), e.body_text(), state.max_body))?;
-    if let Some(ct) = headers
+    // no Content-Type: refused, which also closes cross-site `no-cors` posts from a browser
+    let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "not-supported",
+                "Content-Type is required; send application/fhir+json",
+            )
+        })?;
     {
         let essence = ct
             .split(';')
@@ -312,19 +324,35 @@ fn trigger_headers(r: &mut Response, t: &crate::app::Triggered, base: &str) {
 
 /// `GET /fhir/metadata`.
 pub async fn metadata(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let security = match &state.auth {
+        Some(a) => {
+            let e = a.endpoints().await;
+            Some(capability::Security {
+                token: e.token_endpoint,
+                authorize: e.authorization_endpoint,
+            })
+        }
+        None => None,
+    };
     fhir_json(
         StatusCode::OK,
-        &capability::statement(&fhir_base(&state, &headers), env!("CARGO_PKG_VERSION")),
+        &capability::statement(
+            &fhir_base(&state, &headers),
+            env!("CARGO_PKG_VERSION"),
+            security.as_ref(),
+        ),
     )
 }
 
 /// `POST /fhir`: transaction, batch, or a Bundle to store.
 pub async fn post_bundle(
     State(state): State<AppState>,
+    Extension(access): Extension<Access>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let value = json_body(&state, &headers, body)?;
+    check_entries(&access, &value)?;
     let (ret, _, respond_async) = prefer_all(&headers);
     let base = fhir_base(&state, &headers);
     let result = bundle::post(&state.store, value, &base, ret == Return::Representation).await?;
@@ -357,12 +385,15 @@ pub async fn post_bundle(
 /// `POST /fhir/{type}`: create.
 pub async fn create(
     State(state): State<AppState>,
+    Extension(access): Extension<Access>,
     Path(resource_type): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     rest::known_type(&resource_type)?;
     let value = json_body(&state, &headers, body)?;
+    let grant = access.fhir(&resource_type, Interaction::Create)?;
+    writable(&grant, &resource_type, &value)?;
     let (ret, _) = prefer(&headers);
     let base = fhir_base(&state, &headers);
     // a Bundle POSTed to /fhir/Bundle is stored as it is, whatever its type
@@ -392,12 +423,23 @@ pub async fn create(
 /// `PUT /fhir/{type}/{id}`: update (or create with this id).
 pub async fn update(
     State(state): State<AppState>,
+    Extension(access): Extension<Access>,
     Path((resource_type, id)): Path<(String, String)>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     rest::known_type(&resource_type)?;
     let value = json_body(&state, &headers, body)?;
+    let grant = access.fhir(&resource_type, Interaction::Update)?;
+    writable(&grant, &resource_type, &value)?;
+    if let Grant::Patient(p) = &grant {
+        // the version it replaces must be the patient's too
+        if let Some(old) = state.store.fhir_read(&resource_type, &id, None).await? {
+            if !compartment::contains(&resource_type, &old.body, p) {
+                return Err(outside().into());
+            }
+        }
+    }
     let (ret, _) = prefer(&headers);
     let if_match = match headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok()) {
         None => None,
@@ -420,9 +462,12 @@ pub async fn update(
 /// `GET /fhir/{type}/{id}`: read.
 pub async fn read(
     State(state): State<AppState>,
+    Extension(access): Extension<Access>,
     Path((resource_type, id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
+    let grant = access.fhir(&resource_type, Interaction::Read)?;
     let s = rest::read(&state.store, &resource_type, &id, None).await?;
+    readable(&grant, &s, &id)?;
     let mut r = fhir_json(StatusCode::OK, &s.body);
     version_headers(&mut r, &s);
     Ok(r)
@@ -431,9 +476,12 @@ pub async fn read(
 /// `GET /fhir/{type}/{id}/_history/{vid}`: vread.
 pub async fn vread(
     State(state): State<AppState>,
+    Extension(access): Extension<Access>,
     Path((resource_type, id, vid)): Path<(String, String, String)>,
 ) -> Result<Response, ApiError> {
+    let grant = access.fhir(&resource_type, Interaction::Read)?;
     let s = rest::read(&state.store, &resource_type, &id, Some(&vid)).await?;
+    readable(&grant, &s, &id)?;
     let mut r = fhir_json(StatusCode::OK, &s.body);
     version_headers(&mut r, &s);
     Ok(r)
@@ -442,11 +490,13 @@ pub async fn vread(
 /// `GET /fhir/{type}?…`: search.
 pub async fn search(
     State(state): State<AppState>,
+    Extension(access): Extension<Access>,
     Path(resource_type): Path<String>,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let pairs: Vec<(String, String)> = raw
+    let grant = access.fhir(&resource_type, Interaction::Search)?;
+    let mut pairs: Vec<(String, String)> = raw
         .as_deref()
         .map(|q| {
             form_urlencoded::parse(q.as_bytes())
@@ -456,13 +506,30 @@ pub async fn search(
         .unwrap_or_default();
     let (_, strict) = prefer(&headers);
     let base = fhir_base(&state, &headers);
-    let bundle = rest::search(&state.store, &resource_type, &pairs, strict, &base).await?;
+    if let Grant::Patient(p) = &grant {
+        // limited in the query (so totals and paging are right) and filtered again
+        pairs.push(compartment::search_limit(&resource_type, p).ok_or_else(|| {
+            AuthError::Forbidden(format!(
+                "{resource_type} cannot be searched with a patient-level token"
+            ))
+        })?);
+    }
+    let mut bundle = rest::search(&state.store, &resource_type, &pairs, strict, &base).await?;
+    if let (Grant::Patient(p), Some(entries)) = (&grant, bundle["entry"].as_array_mut()) {
+        entries.retain(|e| {
+            e["search"]["mode"] == "outcome"
+                || e["resource"]["resourceType"]
+                    .as_str()
+                    .is_some_and(|t| compartment::contains(t, &e["resource"], p))
+        });
+    }
     Ok(fhir_json(StatusCode::OK, &bundle))
 }
 
 /// `POST /fhir/{type}/{id}`: only `$operations` (`RiskAssessment/$predict`).
 pub async fn operation(
     State(state): State<AppState>,
+    Extension(access): Extension<Access>,
     Path((resource_type, op)): Path<(String, String)>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -470,6 +537,9 @@ pub async fn operation(
     rest::known_type(&resource_type)?;
     if resource_type == "RiskAssessment" && op == "$predict" {
         let value = json_body(&state, &headers, body)?;
+        if let Grant::Patient(p) = access.fhir("RiskAssessment", Interaction::Create)? {
+            predict_in_compartment(&value, &p)?;
+        }
         let base = fhir_base(&state, &headers);
         let out = crate::risk::predict_operation(&state, value, &base).await?;
         return Ok(fhir_json(StatusCode::OK, &out));
@@ -483,4 +553,105 @@ pub async fn operation(
 /// Any other `/fhir` path: 404 OperationOutcome.
 pub async fn not_found() -> ApiError {
     ApiError::not_found("no such FHIR endpoint; see /fhir/metadata")
+}
+
+/// A patient-level token meets a resource of another patient.
+fn outside() -> AuthError {
+    AuthError::Forbidden("the resource is outside the patient compartment of this token".into())
+}
+
+/// A patient-level write must stay in the patient's compartment.
+fn writable(grant: &Grant, resource_type: &str, value: &Value) -> Result<(), AuthError> {
+    match grant {
+        Grant::Patient(p) if !compartment::contains(resource_type, value, p) => Err(outside()),
+        _ => Ok(()),
+    }
+}
+
+/// A patient-level read outside the compartment answers 404, as if the resource did not exist.
+fn readable(grant: &Grant, s: &Stored, id: &str) -> Result<(), ApiError> {
+    match grant {
+        Grant::Patient(p) if !compartment::contains(&s.resource_type, &s.body, p) => {
+            Err(FhirError::NotFound(format!("{}/{id}", s.resource_type)).into())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `POST /fhir`: every transaction or batch entry needs its own interaction's scope (and a
+/// patient-level token may only write into its compartment and read nothing through a
+/// Bundle); other Bundles are stored as Bundle resources (create).
+fn check_entries(access: &Access, bundle: &Value) -> Result<(), AuthError> {
+    let kind = bundle["type"].as_str().unwrap_or("");
+    if !matches!(kind, "transaction" | "batch") {
+        return match access.fhir("Bundle", Interaction::Create)? {
+            Grant::All => Ok(()),
+            Grant::Patient(_) => Err(AuthError::Forbidden(
+                "a patient-level token cannot store Bundle resources".into(),
+            )),
+        };
+    }
+    for (i, e) in bundle["entry"].as_array().into_iter().flatten().enumerate() {
+        let method = e["request"]["method"].as_str().unwrap_or("");
+        let url = e["request"]["url"].as_str().unwrap_or("");
+        let path = url.split(['?', '#']).next().unwrap_or("").trim_matches('/');
+        let mut segments = path.split('/');
+        let url_type = segments.next().unwrap_or("");
+        let has_id = segments.next().is_some_and(|s| !s.is_empty());
+        let resource_type = e["resource"]["resourceType"].as_str().unwrap_or(url_type);
+        let interaction = match method {
+            "POST" => Interaction::Create,
+            "PUT" | "PATCH" => Interaction::Update,
+            "DELETE" => Interaction::Delete,
+            _ if has_id => Interaction::Read,
+            _ => Interaction::Search,
+        };
+        let grant = access
+            .fhir(resource_type, interaction)
+            .map_err(|e| match e {
+                AuthError::InsufficientScope(m) => AuthError::Forbidden(format!(
+                    "Bundle.entry[{i}]: insufficient scope: needs {m}"
+                )),
+                other => other,
+            })?;
+        if let Grant::Patient(p) = grant {
+            let inside = matches!(interaction, Interaction::Create | Interaction::Update)
+                && compartment::contains(resource_type, &e["resource"], &p);
+            if !inside {
+                return Err(AuthError::Forbidden(format!(
+                    "Bundle.entry[{i}]: a patient-level token may only create or update resources of its patient"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `$predict` with a patient-level token: the subject (or every resource of the Bundle) must
+/// be the token's patient.
+fn predict_in_compartment(value: &Value, patient: &str) -> Result<(), AuthError> {
+    let ok = match value["resourceType"].as_str() {
+        Some("Parameters") => value["parameter"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["name"] == "subject")
+            .all(|p| {
+                p["valueReference"]["reference"]
+                    .as_str()
+                    .map(crate::fhir::index::normalise_reference)
+                    == Some(format!("Patient/{patient}"))
+            }),
+        Some("Bundle") => value["entry"].as_array().into_iter().flatten().all(|e| {
+            e["resource"]["resourceType"]
+                .as_str()
+                .is_some_and(|t| compartment::contains(t, &e["resource"], patient))
+        }),
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(outside())
+    }
 }

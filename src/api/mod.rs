@@ -2,6 +2,7 @@
 //! case ([`crate::pipeline`], [`crate::store`]) and map the answer; nothing here does maths or SQL.
 
 pub mod analyze;
+pub mod auth;
 pub mod dicomweb;
 pub mod error;
 pub mod fhir;
@@ -24,6 +25,14 @@ pub fn router(state: AppState) -> Router {
         .route("/docs", get(meta::docs))
         .route("/openapi.json", get(meta::openapi))
         .route("/healthz", get(meta::healthz))
+        .route(
+            "/.well-known/smart-configuration",
+            get(auth::smart_configuration),
+        )
+        .route(
+            "/fhir/.well-known/smart-configuration",
+            get(auth::smart_configuration),
+        )
         .route("/readyz", get(meta::readyz))
         .route("/metrics", get(ops::metrics))
         .route("/v1/jobs", get(ops::list))
@@ -102,11 +111,18 @@ pub fn router(state: AppState) -> Router {
         .route("/static/source/{file}", get(legacy::source_image))
         .route("/static/result/{file}", get(legacy::result_image))
         .layer(DefaultBodyLimit::max(limit))
+        // every route: the authorization layer (inside the request log and metrics)
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::authorize,
+        ))
         .route_layer(axum::middleware::from_fn(ops::observe))
         .with_state(state)
 }
 
-/// The base URL for links: the configured public URL, or `http://<Host>` of the request.
+/// The base URL for links: the configured public URL, or `http://<Host>` of the request when
+/// that Host is a loopback name or on the `allowed_hosts` list (never an arbitrary Host, which
+/// would let a client plant links), else `http://localhost`.
 pub fn base_url(state: &AppState, headers: &HeaderMap) -> String {
     if let Some(u) = &state.public_url {
         return u.trim_end_matches('/').to_string();
@@ -114,10 +130,57 @@ pub fn base_url(state: &AppState, headers: &HeaderMap) -> String {
     let host = headers
         .get(axum::http::header::HOST)
         .and_then(|h| h.to_str().ok())
-        .filter(|h| {
-            h.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '-' | '[' | ']'))
-        })
+        .filter(|h| host_allowed(h, &state.allowed_hosts))
         .unwrap_or("localhost");
     format!("http://{host}")
+}
+
+/// Whether a Host header value (`name[:port]`) may appear in links.
+fn host_allowed(host: &str, allowed: &[String]) -> bool {
+    if !host
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '-' | '[' | ']'))
+    {
+        return false;
+    }
+    let name = match host.rsplit_once(':') {
+        Some((n, p))
+            if p.chars().all(|c| c.is_ascii_digit()) && (n.ends_with(']') || !n.contains(':')) =>
+        {
+            n
+        }
+        _ => host,
+    };
+    let name = name.to_ascii_lowercase();
+    matches!(name.as_str(), "localhost" | "127.0.0.1" | "[::1]")
+        || allowed
+            .iter()
+            .any(|a| a.eq_ignore_ascii_case(host) || a.eq_ignore_ascii_case(&name))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn links_use_loopback_or_allowed_hosts_only() {
+        let allowed = vec!["carina.hospital.org".to_string()];
+        for ok in [
+            "localhost",
+            "localhost:8080",
+            "127.0.0.1:9",
+            "[::1]:80",
+            "carina.hospital.org",
+            "CARINA.hospital.org:443",
+        ] {
+            assert!(super::host_allowed(ok, &allowed), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:8080",
+            "localhost.evil.example",
+            "a/b",
+            "x@y",
+        ] {
+            assert!(!super::host_allowed(bad, &allowed), "{bad}");
+        }
+    }
 }

@@ -39,7 +39,35 @@ const NO_DATA_SET: u16 = 0x0101;
 #[derive(Debug, Clone)]
 struct AeRules {
     check_called: bool,
+    /// Whether an allow-list is configured at all.
+    restricted: bool,
+    /// The calling AE titles allowed from this peer's address.
     allowed: Vec<String>,
+}
+
+/// The calling AE titles of `allowed_calling_aes` that this peer may use: `AE` from any
+/// address, `AE@host` only when `host` (an address or a name, resolved now) is the peer's.
+async fn allowed_for(entries: &[String], peer: std::net::IpAddr) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in entries {
+        match e.rsplit_once('@') {
+            None => out.push(e.trim().to_string()),
+            Some((ae, host)) => {
+                let host = host.trim().trim_start_matches('[').trim_end_matches(']');
+                let matches = match host.parse::<std::net::IpAddr>() {
+                    Ok(ip) => ip == peer,
+                    Err(_) => tokio::net::lookup_host((host, 0))
+                        .await
+                        .map(|mut a| a.any(|a| a.ip() == peer))
+                        .unwrap_or(false),
+                };
+                if matches {
+                    out.push(ae.trim().to_string());
+                }
+            }
+        }
+    }
+    out
 }
 
 impl AccessControl for AeRules {
@@ -53,7 +81,7 @@ impl AccessControl for AeRules {
         if self.check_called && called_ae_title.trim() != this_ae_title.trim() {
             return Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized);
         }
-        if !self.allowed.is_empty()
+        if self.restricted
             && !self
                 .allowed
                 .iter()
@@ -193,9 +221,15 @@ async fn association(
     ingest: &Ingest,
     max_instance: usize,
 ) -> Result<(), dicom_ul::association::Error> {
+    let peer = socket.peer_addr().map(|a| a.ip()).ok();
+    let allowed = match peer {
+        Some(ip) => allowed_for(&settings.allowed_calling_aes, ip).await,
+        None => Vec::new(),
+    };
     let rules = AeRules {
         check_called: settings.check_called_ae,
-        allowed: settings.allowed_calling_aes.clone(),
+        restricted: !settings.allowed_calling_aes.is_empty(),
+        allowed,
     };
     // AE title rules are checked here, so the rejection is sent like the others (dicom-ul
     // closes right after its own RJ, which some requestors then miss)
@@ -535,17 +569,45 @@ mod tests {
     fn ae_rules() {
         let open = AeRules {
             check_called: true,
+            restricted: false,
             allowed: vec![],
         };
         assert!(open.check_access("CARINA", "ANY", "CARINA", None).is_ok());
         assert!(open.check_access("CARINA", "ANY", "OTHER", None).is_err());
         let closed = AeRules {
             check_called: false,
+            restricted: true,
             allowed: vec!["PACS".into()],
         };
         assert!(closed.check_access("CARINA", "PACS", "X", None).is_ok());
         assert!(closed
             .check_access("CARINA", "ROGUE", "CARINA", None)
             .is_err());
+        let nobody = AeRules {
+            check_called: false,
+            restricted: true,
+            allowed: vec![],
+        };
+        assert!(
+            nobody
+                .check_access("CARINA", "PACS", "CARINA", None)
+                .is_err(),
+            "an allow-list none of whose entries match this peer refuses"
+        );
+    }
+
+    #[tokio::test]
+    async fn calling_aes_pair_with_the_peer_host() {
+        let entries = vec![
+            "ANY".to_string(),
+            "PACS@10.0.0.5".to_string(),
+            "LOCAL@localhost".to_string(),
+            "V6@[::1]".to_string(),
+        ];
+        let from = |ip: &str| allowed_for(&entries, ip.parse().unwrap());
+        assert_eq!(from("10.0.0.5").await, vec!["ANY", "PACS"]);
+        assert_eq!(from("10.0.0.6").await, vec!["ANY"]);
+        assert_eq!(from("127.0.0.1").await, vec!["ANY", "LOCAL"]);
+        assert!(from("::1").await.contains(&"V6".to_string()));
     }
 }

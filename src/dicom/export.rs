@@ -11,13 +11,13 @@ use chrono::Utc;
 use dicom_ul::association::client::ClientAssociationOptions;
 use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason};
 use dicom_ul::Pdu;
-use http_body_util::{BodyExt, Full};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
 
 use super::dimse::{command_set, Command};
 use super::status;
+use crate::outbound::Outbound;
 use crate::store::{ExportRow, Store};
 
 /// How results reach a destination.
@@ -76,16 +76,24 @@ pub struct Exporter {
     destinations: Arc<Vec<Destination>>,
     calling_ae: String,
     wake: Arc<Notify>,
+    /// The outbound client; its allow-list is the STOW-RS destinations' URLs.
+    outbound: Result<Outbound, String>,
 }
 
 impl Exporter {
     /// Builds the service.
     pub fn new(store: Store, destinations: Vec<Destination>, calling_ae: String) -> Self {
+        let urls: Vec<String> = destinations
+            .iter()
+            .filter_map(|d| d.url.as_deref())
+            .map(|u| u.trim_end_matches('/').to_string())
+            .collect();
         Self {
             store,
             destinations: Arc::new(destinations),
             calling_ae,
             wake: Arc::new(Notify::new()),
+            outbound: Outbound::with_configured(&urls),
         }
     }
 
@@ -240,9 +248,11 @@ impl Exporter {
                     message: "no url configured".into(),
                     retry: false,
                 })?;
-                tokio::time::timeout(Duration::from_secs(60), stow(url, Bytes::from(file)))
-                    .await
-                    .map_err(|_| transient("STOW-RS timed out"))?
+                let outbound = self.outbound.as_ref().map_err(|e| Failure {
+                    message: e.clone(),
+                    retry: false,
+                })?;
+                stow(outbound, url, Bytes::from(file)).await
             }
         }
     }
@@ -351,66 +361,38 @@ async fn c_store(
     }
 }
 
-/// One STOW-RS request with one instance.
-async fn stow(base: &str, file: Bytes) -> Result<(), Failure> {
-    let rest = base.strip_prefix("http://").ok_or_else(|| Failure {
-        message: format!("only http:// DICOMweb URLs are supported: {base}"),
-        retry: false,
-    })?;
-    let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
-    // origin-form request target: some servers refuse the absolute form
-    let path = path.trim_end_matches('/');
-    let uri = if path.is_empty() {
-        "/studies".to_string()
-    } else {
-        format!("/{path}/studies")
-    };
-    let stream = tokio::net::TcpStream::connect(authority)
-        .await
-        .map_err(|e| transient(format!("cannot connect to {authority}: {e}")))?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| transient(e.to_string()))?;
-    tokio::spawn(conn);
+/// One STOW-RS request with one instance, through the outbound client (the configured
+/// destinations are its allow-list). A refusal's text names the status, not the peer's body.
+async fn stow(outbound: &Outbound, base: &str, file: Bytes) -> Result<(), Failure> {
+    let url = format!("{}/studies", base.trim_end_matches('/'));
     let boundary = format!("carina-{}", uuid::Uuid::new_v4().simple());
     let mut body = format!("--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").into_bytes();
     body.extend_from_slice(&file);
     body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-    let req = hyper::Request::post(&uri)
-        .header(hyper::header::HOST, authority)
-        .header(
-            hyper::header::CONTENT_TYPE,
-            format!("multipart/related; type=\"application/dicom\"; boundary={boundary}"),
+    let ct = format!("multipart/related; type=\"application/dicom\"; boundary={boundary}");
+    let answer = outbound
+        .post(
+            &url,
+            &[("content-type", &ct), ("accept", "application/dicom+json")],
+            body,
+            Duration::from_secs(60),
         )
-        .header(hyper::header::ACCEPT, "application/dicom+json")
-        .body(Full::new(Bytes::from(body)))
+        .await
         .map_err(|e| Failure {
+            retry: e.transient(),
             message: e.to_string(),
-            retry: false,
         })?;
-    let res = sender
-        .send_request(req)
-        .await
-        .map_err(|e| transient(e.to_string()))?;
-    let code = res.status();
-    let text = res
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    let snippet: String = String::from_utf8_lossy(&text).chars().take(200).collect();
-    if code.is_success() && code != hyper::StatusCode::ACCEPTED {
+    let code = answer.status;
+    if code.is_success() && code != reqwest::StatusCode::ACCEPTED {
         Ok(())
     } else if code.is_server_error()
-        || code == hyper::StatusCode::TOO_MANY_REQUESTS
-        || code == hyper::StatusCode::REQUEST_TIMEOUT
+        || code == reqwest::StatusCode::TOO_MANY_REQUESTS
+        || code == reqwest::StatusCode::REQUEST_TIMEOUT
     {
-        Err(transient(format!("STOW-RS answered {code}: {snippet}")))
+        Err(transient(format!("STOW-RS answered {}", code.as_u16())))
     } else {
         Err(Failure {
-            message: format!("STOW-RS answered {code}: {snippet}"),
+            message: format!("STOW-RS answered {}", code.as_u16()),
             retry: false,
         })
     }

@@ -14,8 +14,48 @@ pub const OPERATIONS: &[(&str, &str, &str, &str)] = &[(
     "Computes an ICU-risk RiskAssessment from a Bundle of Observations (and the Patient), or from a Parameters resource naming a stored Patient (`subject`); the result is stored and returned.",
 )];
 
-/// Builds the CapabilityStatement.
-pub fn statement(base: &str, software_version: &str) -> Value {
+/// The OAuth2 endpoints of the authorization server, when authorization is on.
+#[derive(Debug, Clone, Default)]
+pub struct Security {
+    /// Token endpoint.
+    pub token: Option<String>,
+    /// Authorization endpoint.
+    pub authorize: Option<String>,
+}
+
+/// `rest.security`: SMART-on-FHIR with the `oauth-uris` extension, or a note that the server
+/// runs without authorization.
+fn security(s: Option<&Security>) -> Value {
+    let Some(s) = s else {
+        return json!({
+            "cors": false,
+            "description": "Authorization is off (auth.mode = none or no [auth] section): this server is for a loopback address or a closed test network only."
+        });
+    };
+    let mut uris = Vec::new();
+    if let Some(t) = &s.token {
+        uris.push(json!({"url": "token", "valueUri": t}));
+    }
+    if let Some(a) = &s.authorize {
+        uris.push(json!({"url": "authorize", "valueUri": a}));
+    }
+    json!({
+        "cors": false,
+        "service": [{
+            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service", "code": "SMART-on-FHIR"}],
+            "text": "OAuth2 bearer tokens (SMART App Launch 2.x / Backend Services scopes)"
+        }],
+        "extension": [{
+            "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+            "extension": uris
+        }],
+        "description": "Bearer JWT access tokens from the configured issuer; SMART v2 scopes (system/, user/, patient/ with cruds) and v1 (.read/.write/.*). Patient-level tokens see their patient's compartment only. See /.well-known/smart-configuration."
+    })
+}
+
+/// Builds the CapabilityStatement; `auth` describes the authorization server when
+/// authorization is on.
+pub fn statement(base: &str, software_version: &str, auth: Option<&Security>) -> Value {
     let resources: Vec<Value> = RESOURCE_TYPES
         .iter()
         .filter(|t| !matches!(**t, "CapabilityStatement" | "OperationOutcome" | "Parameters"))
@@ -62,6 +102,7 @@ pub fn statement(base: &str, software_version: &str) -> Value {
         "format": ["application/fhir+json", "json"],
         "rest": [{
             "mode": "server",
+            "security": security(auth),
             "documentation": "Resources are stored as sent (ids and meta are server-assigned). Unknown search parameters are ignored and reported in the searchset unless `Prefer: handling=strict`. `Prefer: return=minimal|representation|OperationOutcome` is honoured. Demo models: not for clinical use.",
             "resource": resources,
             "interaction": [{"code": "transaction"}, {"code": "batch"}],

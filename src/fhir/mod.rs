@@ -5,6 +5,7 @@
 
 pub mod bundle;
 pub mod capability;
+pub mod compartment;
 pub mod index;
 pub mod rest;
 pub mod search;

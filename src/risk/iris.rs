@@ -12,8 +12,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
+use bytes::Bytes;
 use serde_json::{json, Value};
 
 /// `[risk.iris]` in `carina.toml`. The password comes from `CARINA_IRIS_PASSWORD` (or the
@@ -144,6 +143,8 @@ pub struct Iris {
     settings: IrisSettings,
     password: String,
     breaker: Mutex<Breaker>,
+    /// The outbound client, allowed to call the configured URL only.
+    outbound: Result<crate::outbound::Outbound, String>,
 }
 
 impl Iris {
@@ -152,10 +153,15 @@ impl Iris {
         let password = env_password
             .or_else(|| settings.password.clone())
             .unwrap_or_default();
+        let outbound = crate::outbound::Outbound::with_configured(&[settings
+            .url
+            .trim_end_matches('/')
+            .to_string()]);
         Self {
             settings,
             password,
             breaker: Mutex::new(Breaker::default()),
+            outbound,
         }
     }
 
@@ -285,43 +291,30 @@ impl Iris {
         Ok(p)
     }
 
+    /// POSTs through the outbound client (allow-list: the configured URL; a size cap and
+    /// the call's deadline).
     async fn post(&self, base: &str, path: &str, body: Value) -> Result<(u16, Bytes), IrisError> {
-        let rest = base.strip_prefix("http://").ok_or_else(|| {
-            IrisError::Protocol(format!("only http:// IRIS URLs are supported: {base}"))
-        })?;
-        let (authority, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-        let uri = if prefix.is_empty() {
-            path.to_string()
-        } else {
-            format!("/{}{path}", prefix.trim_end_matches('/'))
-        };
-        let stream = tokio::net::TcpStream::connect(authority)
-            .await
-            .map_err(|e| IrisError::Unavailable(format!("cannot connect to {authority}: {e}")))?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| IrisError::Unavailable(e.to_string()))?;
-        tokio::spawn(conn);
+        let outbound = self
+            .outbound
+            .as_ref()
+            .map_err(|e| IrisError::Protocol(e.clone()))?;
         let auth = base64::engine::general_purpose::STANDARD
             .encode(format!("{}:{}", self.settings.username, self.password));
-        let req = hyper::Request::post(uri)
-            .header(hyper::header::HOST, authority)
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .header(hyper::header::AUTHORIZATION, format!("Basic {auth}"))
-            .body(Full::new(Bytes::from(body.to_string())))
-            .map_err(|e| IrisError::Protocol(e.to_string()))?;
-        let res = sender
-            .send_request(req)
+        let answer = outbound
+            .post(
+                &format!("{base}{path}"),
+                &[
+                    ("content-type", "application/json"),
+                    ("authorization", &format!("Basic {auth}")),
+                ],
+                body.to_string(),
+                Duration::from_millis(self.settings.timeout_ms.max(1)),
+            )
             .await
-            .map_err(|e| IrisError::Unavailable(e.to_string()))?;
-        let status = res.status().as_u16();
-        let text = res
-            .into_body()
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .map_err(|e| IrisError::Unavailable(e.to_string()))?;
-        Ok((status, text))
+            .map_err(|e| match e {
+                crate::outbound::OutboundError::Guard(g) => IrisError::Protocol(g.to_string()),
+                other => IrisError::Unavailable(other.to_string()),
+            })?;
+        Ok((answer.status.as_u16(), answer.body))
     }
 }

@@ -71,7 +71,12 @@ pub async fn app_with_ingest(
     let store = store(dir.path()).await;
     let models = registry_async().await;
     let ingest = carina::ingest::Ingest::new(store.clone(), models.clone(), Vec::new(), 0, None);
-    let state = carina::app::AppState::new(models, store, None, max_body, ingest.clone()).unwrap();
+    let state = carina::app::AppState::new(models, store, None, max_body, ingest.clone())
+        .unwrap()
+        .with_outbound(
+            carina::outbound::Outbound::with_configured(&[]).unwrap(),
+            vec!["carina.test".into()],
+        );
     (carina::api::router(state), dir, ingest)
 }
 
