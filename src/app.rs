@@ -23,6 +23,8 @@ pub struct AppState {
     pub public_url: Option<String>,
     /// Body limit in bytes.
     pub max_body: usize,
+    /// Body limit of FHIR JSON requests in bytes (below the DICOM one).
+    pub fhir_max_body: usize,
     /// Where received DICOM goes (store + analysis queue).
     pub ingest: Ingest,
     /// ICU-risk assessment (None when no tabular model is loaded).
@@ -38,6 +40,9 @@ pub struct AppState {
     /// loopback names).
     pub allowed_hosts: Arc<Vec<String>>,
 }
+
+/// The FHIR JSON body limit unless configured: 32 MiB (a large Synthea patient is a few MiB).
+pub const DEFAULT_FHIR_MAX_BODY: usize = 32 << 20;
 
 /// What stored resources triggered, for the answer.
 #[derive(Debug, Default)]
@@ -95,11 +100,19 @@ impl AppState {
             max_body,
             ingest,
             risk,
+            fhir_max_body: max_body.min(DEFAULT_FHIR_MAX_BODY),
             sync_wait: std::time::Duration::from_secs(60),
             auth: None,
             outbound,
             allowed_hosts: Arc::new(Vec::new()),
         })
+    }
+
+    /// Sets the FHIR JSON body limit.
+    #[must_use]
+    pub fn with_fhir_limit(mut self, bytes: usize) -> Self {
+        self.fhir_max_body = bytes;
+        self
     }
 
     /// Turns authorization on with `auth` (see [`crate::api::auth`]).
@@ -339,9 +352,9 @@ fn trigger_jobs(risk: Option<&RiskService>, written: &[Stored], max_attempts: i6
         for p in crate::risk::affected_patients(r, written) {
             jobs.push(NewJob {
                 kind: "risk".into(),
+                dedupe: Some(format!("pending:risk:{p}")),
                 subject: p,
                 payload: serde_json::json!({}),
-                dedupe: None,
                 max_attempts,
             });
         }

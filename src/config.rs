@@ -32,6 +32,9 @@ pub struct Settings {
     pub onnxruntime: Option<PathBuf>,
     /// Largest accepted request body, in MiB.
     pub max_body_mb: usize,
+    /// Largest accepted FHIR JSON body, in MiB (checked for depth, array lengths and value
+    /// count before it is parsed).
+    pub fhir_max_body_mb: usize,
     /// How long a FHIR request waits for the imaging analysis it triggers, in seconds (the
     /// analysis goes on after that; `Prefer: respond-async` does not wait at all).
     pub fhir_sync_wait_secs: u64,
@@ -167,6 +170,7 @@ impl Default for Settings {
             max_batch: 4,
             onnxruntime: None,
             max_body_mb: 64,
+            fhir_max_body_mb: 32,
             fhir_sync_wait_secs: 60,
             public_url: None,
             dicom: DicomSettings::default(),
@@ -282,6 +286,9 @@ impl Settings {
         }
         if let Some(v) = get("CARINA_MAX_BODY_MB") {
             self.max_body_mb = parse("CARINA_MAX_BODY_MB", &v)?;
+        }
+        if let Some(v) = get("CARINA_FHIR_MAX_BODY_MB") {
+            self.fhir_max_body_mb = parse("CARINA_FHIR_MAX_BODY_MB", &v)?;
         }
         if let Some(v) = get("CARINA_PUBLIC_URL") {
             self.public_url = Some(v);

@@ -207,12 +207,29 @@ impl Ingest {
     /// # Errors
     /// [`StoreError`] when the backlog cannot be read (the database is down).
     pub async fn refusal(&self) -> Result<Option<String>, StoreError> {
+        self.refusal_by(false).await
+    }
+
+    /// [`Self::refusal`] for FHIR writes: every kind of job counts towards their backlog
+    /// (DICOM intake counts only imaging jobs, so FHIR floods cannot lock it out).
+    ///
+    /// # Errors
+    /// [`StoreError`] when the backlog cannot be read.
+    pub async fn fhir_refusal(&self) -> Result<Option<String>, StoreError> {
+        self.refusal_by(true).await
+    }
+
+    async fn refusal_by(&self, all_kinds: bool) -> Result<Option<String>, StoreError> {
         if !self.has_space() {
             return Ok(Some(
                 "free space in the data folder is below the configured minimum".into(),
             ));
         }
-        let backlog = self.store.backlog().await?;
+        let backlog = if all_kinds {
+            self.store.backlog().await?
+        } else {
+            self.store.imaging_backlog().await?
+        };
         Ok((backlog >= self.max_backlog).then(|| {
             format!(
                 "{backlog} jobs are waiting (limit {}); try again later",

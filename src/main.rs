@@ -113,6 +113,7 @@ fn serve(common: &Common) -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)?
         .with_sync_wait(std::time::Duration::from_secs(settings.fhir_sync_wait_secs))
         .with_outbound(outbound.clone(), settings.allowed_hosts.clone())
+        .with_fhir_limit(settings.fhir_max_body_mb.saturating_mul(1 << 20))
         .with_auth(auth.clone());
         if let Some(a) = &auth {
             a.warm().await;

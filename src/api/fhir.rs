@@ -202,7 +202,7 @@ fn json_body(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Value, ApiError> {
-    let body = body.map_err(|e| body_error(e.status(), e.body_text(), state.max_body))?;
+    let body = body.map_err(|e| body_error(e.status(), e.body_text(), state.fhir_max_body))?;
     // no Content-Type: refused, which also closes cross-site `no-cors` posts from a browser
     let ct = headers
         .get(header::CONTENT_TYPE)
@@ -239,6 +239,7 @@ fn json_body(
             "the request body is empty",
         ));
     }
+    crate::fhir::validate::precheck_json(&body)?;
     serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -353,6 +354,7 @@ pub async fn post_bundle(
 ) -> Result<Response, ApiError> {
     let value = json_body(&state, &headers, body)?;
     check_entries(&access, &value)?;
+    accepting(&state).await?;
     let (ret, _, respond_async) = prefer_all(&headers);
     let base = fhir_base(&state, &headers);
     let result = bundle::post(&state.store, value, &base, ret == Return::Representation).await?;
@@ -394,6 +396,7 @@ pub async fn create(
     let value = json_body(&state, &headers, body)?;
     let grant = access.fhir(&resource_type, Interaction::Create)?;
     writable(&grant, &resource_type, &value)?;
+    accepting(&state).await?;
     let (ret, _) = prefer(&headers);
     let base = fhir_base(&state, &headers);
     // a Bundle POSTed to /fhir/Bundle is stored as it is, whatever its type
@@ -432,6 +435,7 @@ pub async fn update(
     let value = json_body(&state, &headers, body)?;
     let grant = access.fhir(&resource_type, Interaction::Update)?;
     writable(&grant, &resource_type, &value)?;
+    accepting(&state).await?;
     if let Grant::Patient(p) = &grant {
         // the version it replaces must be the patient's too
         if let Some(old) = state.store.fhir_read(&resource_type, &id, None).await? {
@@ -553,6 +557,19 @@ pub async fn operation(
 /// Any other `/fhir` path: 404 OperationOutcome.
 pub async fn not_found() -> ApiError {
     ApiError::not_found("no such FHIR endpoint; see /fhir/metadata")
+}
+
+/// FHIR writes obey the job backlog (all kinds) and the free-space watermark: 503 +
+/// `Retry-After` instead of accepting work that cannot be done.
+async fn accepting(state: &AppState) -> Result<(), ApiError> {
+    match state.ingest.fhir_refusal().await? {
+        None => Ok(()),
+        Some(why) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "transient",
+            why,
+        )),
+    }
 }
 
 /// A patient-level token meets a resource of another patient.

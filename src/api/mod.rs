@@ -11,6 +11,7 @@ pub mod meta;
 pub mod ops;
 
 use axum::extract::DefaultBodyLimit;
+use axum::handler::Handler;
 use axum::http::HeaderMap;
 use axum::routing::{get, post};
 use axum::Router;
@@ -20,6 +21,7 @@ use crate::app::AppState;
 /// The whole router.
 pub fn router(state: AppState) -> Router {
     let limit = state.max_body;
+    let fhir_limit = DefaultBodyLimit::max(state.fhir_max_body);
     Router::new()
         .route("/", get(meta::index))
         .route("/docs", get(meta::docs))
@@ -93,13 +95,21 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/dicomweb/series", get(dicomweb::search_series))
         .route("/dicomweb/instances", get(dicomweb::search_instances))
-        .route("/fhir", post(fhir::post_bundle))
+        .route(
+            "/fhir",
+            post(fhir::post_bundle).layer(fhir_limit),
+        )
         .route("/fhir/metadata", get(fhir::metadata))
         .route("/fhir/_async/{id}", get(fhir::async_status))
-        .route("/fhir/{type}", get(fhir::search).post(fhir::create))
+        .route(
+            "/fhir/{type}",
+            get(fhir::search).post(fhir::create.layer(fhir_limit)),
+        )
         .route(
             "/fhir/{type}/{id}",
-            get(fhir::read).put(fhir::update).post(fhir::operation),
+            get(fhir::read)
+                .put(fhir::update.layer(fhir_limit))
+                .post(fhir::operation.layer(fhir_limit)),
         )
         .route("/fhir/{type}/{id}/_history/{vid}", get(fhir::vread))
         .route("/covid19/api/v1/healthcheck", get(legacy::healthcheck))

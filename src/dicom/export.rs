@@ -44,7 +44,7 @@ pub struct Destination {
     /// DIMSE: the destination's AE title.
     #[serde(default)]
     pub ae_title: Option<String>,
-    /// STOW: DICOMweb base URL (`http://` only).
+    /// STOW: DICOMweb base URL (`http://` or `https://`).
     #[serde(default)]
     pub url: Option<String>,
     /// Attempts before the export is marked failed (default 6).

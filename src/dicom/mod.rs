@@ -6,6 +6,7 @@
 
 pub mod dimse;
 pub mod export;
+pub mod frame_header;
 pub mod json;
 pub mod parse;
 pub mod routing;

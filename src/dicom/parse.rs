@@ -161,6 +161,7 @@ pub fn parse_instance(bytes: &[u8]) -> Result<ParsedInstance, ParseError> {
     }
     if has_pixels {
         check_native_length(&object)?;
+        check_frame_headers(&object)?;
     }
     Ok(ParsedInstance {
         index,
@@ -291,6 +292,39 @@ fn check_native_length(obj: &DefaultDicomObject) -> Result<(), ParseError> {
         return Err(ParseError::Unreadable(format!(
             "Pixel Data holds {have} bytes but Rows x Columns x Samples x Frames x Bits needs {needed}"
         )));
+    }
+    Ok(())
+}
+
+/// Encapsulated pixel data: every fragment that starts with a codec header (JPEG, JPEG-LS,
+/// JPEG 2000, PNG) must declare no more than the data set's Rows × Columns, so no decoder is
+/// ever asked to allocate for a frame larger than the object says (a 700-byte JPEG declaring
+/// 32768 × 32768). Checked at ingest and again before every decode.
+///
+/// # Errors
+/// [`ParseError::Unreadable`] naming both sizes.
+pub fn check_frame_headers(obj: &DefaultDicomObject) -> Result<(), ParseError> {
+    let Ok(Some(px)) = obj.element_opt(tags::PIXEL_DATA) else {
+        return Ok(());
+    };
+    let Some(fragments) = px.fragments() else {
+        return Ok(());
+    };
+    let rows = int(obj, tags::ROWS).unwrap_or(0).max(0);
+    let cols = int(obj, tags::COLUMNS).unwrap_or(0).max(0);
+    for f in fragments {
+        if let Some(d) = super::frame_header::any(f) {
+            if d.width == 0
+                || d.height == 0
+                || i64::from(d.width) > cols
+                || i64::from(d.height) > rows
+            {
+                return Err(ParseError::Unreadable(format!(
+                    "a compressed frame declares {} x {} pixels but the data set has Columns {cols} and Rows {rows}",
+                    d.width, d.height
+                )));
+            }
+        }
     }
     Ok(())
 }

@@ -81,6 +81,11 @@ pub const DEFAULT_COUNT: u32 = 50;
 /// Largest accepted `_count`.
 pub const MAX_COUNT: u32 = 1000;
 
+/// Most parameters in one search.
+pub const MAX_PARAMS: usize = 50;
+/// Most values in one search, OR'd values counted one by one (each becomes SQL).
+pub const MAX_VALUES: usize = 200;
+
 /// Parses the query string pairs of a search on `resource_type`. Unknown parameters are
 /// ignored and reported (or refused when `strict`, from `Prefer: handling=strict`).
 ///
@@ -96,6 +101,13 @@ pub fn parse(
         ..Default::default()
     };
     let defs = params(resource_type);
+    let values: usize = pairs.iter().map(|(_, v)| v.split(',').count()).sum();
+    if pairs.len() > MAX_PARAMS || values > MAX_VALUES {
+        return Err(FhirError::Invalid(format!(
+            "a search takes at most {MAX_PARAMS} parameters and {MAX_VALUES} values (OR'd values count one each); this one has {} and {values}",
+            pairs.len()
+        )));
+    }
     for (key, raw) in pairs {
         let (name, modifier) = match key.split_once(':') {
             Some((n, m)) => (n, Some(m)),

@@ -113,3 +113,99 @@ mod tests {
         );
     }
 }
+
+/// Deepest JSON nesting accepted in a FHIR body (R4 resources nest far less; a Bundle of
+/// resources with contained resources and extensions stays well below).
+pub const MAX_JSON_DEPTH: usize = 64;
+/// Most elements in one JSON array.
+pub const MAX_JSON_ARRAY: usize = 100_000;
+/// Most JSON values (objects, arrays, strings, numbers, literals) in one body.
+pub const MAX_JSON_VALUES: usize = 5_000_000;
+
+/// A cheap pass over the raw bytes before any tree is built: nesting depth, array lengths and
+/// the number of values, so a body of a million `[` or of ten million tiny values is refused
+/// without allocating for it. Syntax is left to the parser.
+///
+/// # Errors
+/// [`FhirError::Invalid`] naming the limit.
+pub fn precheck_json(body: &[u8]) -> Result<(), FhirError> {
+    // per open container: (is array, elements seen so far)
+    let mut stack: Vec<(bool, usize)> = Vec::new();
+    let mut values: usize = 0;
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut in_scalar = false;
+    for &b in body {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        let scalar = b.is_ascii_alphanumeric() || matches!(b, b'-' | b'+' | b'.');
+        if scalar && !in_scalar {
+            values += 1;
+        }
+        in_scalar = scalar;
+        match b {
+            b'"' => {
+                in_string = true;
+                values += 1;
+            }
+            b'[' | b'{' => {
+                values += 1;
+                stack.push((b == b'[', 0));
+                if stack.len() > MAX_JSON_DEPTH {
+                    return Err(FhirError::Invalid(format!(
+                        "the JSON nests deeper than {MAX_JSON_DEPTH} levels"
+                    )));
+                }
+            }
+            b']' | b'}' => {
+                stack.pop();
+            }
+            b',' => {
+                if let Some((true, n)) = stack.last_mut() {
+                    *n += 1;
+                    if *n >= MAX_JSON_ARRAY {
+                        return Err(FhirError::Invalid(format!(
+                            "a JSON array has more than {MAX_JSON_ARRAY} elements"
+                        )));
+                    }
+                }
+            }
+            _ => {}
+        }
+        if values > MAX_JSON_VALUES {
+            return Err(FhirError::Invalid(format!(
+                "the JSON has more than {MAX_JSON_VALUES} values"
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod precheck_tests {
+    use super::*;
+
+    #[test]
+    fn depth_arrays_and_values_are_bounded_before_parsing() {
+        assert!(precheck_json(br#"{"a":[1,2,{"b":"[[[[{{"}],"c":"x\"]"}"#).is_ok());
+        let deep = "[".repeat(MAX_JSON_DEPTH + 1);
+        assert!(precheck_json(deep.as_bytes()).is_err());
+        let ok = "[".repeat(MAX_JSON_DEPTH);
+        assert!(
+            precheck_json(ok.as_bytes()).is_ok(),
+            "syntax is the parser's"
+        );
+        let wide = format!("[{}0]", "0,".repeat(MAX_JSON_ARRAY));
+        assert!(precheck_json(wide.as_bytes()).is_err());
+        let fine = format!("[{}0]", "0,".repeat(1000));
+        assert!(precheck_json(fine.as_bytes()).is_ok());
+    }
+}

@@ -211,8 +211,24 @@ fn open_dicom(bytes: &[u8]) -> Result<DefaultDicomObject, DecodeError> {
         .read_preamble(ReadPreamble::Never)
         .from_reader(&bytes[offset..])
         .map_err(|e| DecodeError::Dicom(e.to_string()))?;
+    check_decodable_size(&obj)?;
     let obj = rle::native_if_fragmented(obj)?;
     native_if_jpeg12(obj)
+}
+
+/// Before any decoder runs: Rows and Columns within [`MAX_SIDE`], and every compressed frame
+/// declaring no more than that (its own header, checked against the data set).
+fn check_decodable_size(obj: &DefaultDicomObject) -> Result<(), DecodeError> {
+    let side = |t| int_attr(obj, t).unwrap_or(0);
+    let (rows, cols) = (side(tags::ROWS), side(tags::COLUMNS));
+    if rows > MAX_SIDE as usize || cols > MAX_SIDE as usize {
+        return Err(DecodeError::Dimensions(
+            u32::try_from(cols).unwrap_or(u32::MAX),
+            u32::try_from(rows).unwrap_or(u32::MAX),
+            MAX_SIDE,
+        ));
+    }
+    crate::dicom::parse::check_frame_headers(obj).map_err(|e| DecodeError::Dicom(e.to_string()))
 }
 
 /// Replaces the pixel data of `obj` with `native` little-endian samples (`bytes` per sample,

@@ -149,7 +149,9 @@ pub fn backoff(base: Duration, attempts: i64) -> Duration {
 impl Store {
     /// Inserts `job` inside an open transaction (with the data it works on). A job `claimed_by`
     /// a worker starts `running` under its lease (the caller runs it now). Returns the job id,
-    /// or `None` when a job with the same `dedupe` key exists.
+    /// or `None` when a job with the same `dedupe` key exists. Keys that start with `pending:`
+    /// hold only while the job is queued (they are cleared when it is claimed): one pending
+    /// job per key, and a write during a run queues the next one.
     ///
     /// # Errors
     /// [`StoreError::Db`].
@@ -225,7 +227,8 @@ impl Store {
         .await?;
         let rows = sqlx::query(AssertSqlSafe(format!(
             "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_owner = $1, \
-             lease_until = $2, updated = $3 WHERE id IN (SELECT id FROM jobs WHERE \
+             lease_until = $2, updated = $3, \
+             dedupe = CASE WHEN dedupe LIKE 'pending:%' THEN NULL ELSE dedupe END WHERE id IN (SELECT id FROM jobs WHERE \
              (state = 'queued' AND run_at <= $4) OR (state = 'running' AND lease_until < $4) \
              ORDER BY run_at LIMIT $5{}) RETURNING {COLUMNS}",
             self.dialect.skip_locked()
@@ -425,6 +428,20 @@ impl Store {
                 .fetch_one(&self.pool)
                 .await?,
         )
+    }
+
+    /// Unfinished imaging jobs (`analyse`, `imaging-study`): the backlog DICOM intake obeys, so
+    /// a flood of FHIR writes (risk jobs) cannot lock DICOM intake out.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub async fn imaging_backlog(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running') \
+             AND kind IN ('analyse', 'imaging-study')",
+        )
+        .fetch_one(&self.pool)
+        .await?)
     }
 }
 

@@ -1,0 +1,350 @@
+//! Resource exhaustion against a real `carina serve` process with the shipped models: image
+//! bombs (a JPEG inside DICOM, a PNG and a JPEG upload that declare 32768² or 60000² pixels in
+//! a few hundred bytes), FHIR JSON bombs (deep, wide, over the FHIR limit), a search with
+//! thousands of OR'd values, and a FHIR flood next to DICOM intake. Each is refused with a
+//! clear 4xx (or 503 for the flood), and the server's peak memory (VmHWM from /proc) stays
+//! within a bound. Times are printed, not asserted.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use common::root;
+
+struct Server {
+    child: Child,
+    http: SocketAddr,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start(data: &Path, env: &[(&str, &str)]) -> Server {
+    let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_carina"));
+    cmd.current_dir(root())
+        .arg("serve")
+        .args(["--http", &http.to_string()])
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--models")
+        .arg(root().join("models"))
+        .env("CARINA_MIN_FREE_MB", "0")
+        .env("CARINA_LOG_FORMAT", "json")
+        .env("CARINA_INTRA_THREADS", "1")
+        .env("CARINA_SESSIONS_PER_MODEL", "1")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut s = Server {
+        child: cmd.spawn().unwrap(),
+        http,
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while request(http, "GET", "/readyz", &[], &[]).map(|a| a.0) != Some(200) {
+        assert!(s.child.try_wait().unwrap().is_none(), "carina exited");
+        assert!(Instant::now() < deadline, "carina not ready in 90 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    s
+}
+
+type Answer = (u16, HashMap<String, String>, Vec<u8>);
+
+fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Option<Answer> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(120))).ok()?;
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).ok()?;
+    // the server may answer (413) and close before the whole body is sent
+    let _ = s.write_all(body);
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut lines = head.split("\r\n");
+    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Some((status, headers, raw[split + 4..].to_vec()))
+}
+
+/// Peak resident memory of `pid` so far, in KiB.
+fn peak_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Overwrites the first JPEG frame header's height and width (SOF0/SOF1/SOF2) in `bytes`.
+fn patch_sof(bytes: &mut [u8], side: u16) {
+    let at = bytes
+        .windows(2)
+        .position(|w| w[0] == 0xFF && matches!(w[1], 0xC0..=0xC2))
+        .expect("a JPEG frame header");
+    bytes[at + 5..at + 7].copy_from_slice(&side.to_be_bytes());
+    bytes[at + 7..at + 9].copy_from_slice(&side.to_be_bytes());
+}
+
+fn png_bomb() -> Vec<u8> {
+    fn chunk(out: &mut Vec<u8>, kind: &[u8], data: &[u8]) {
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(kind);
+        out.extend_from_slice(data);
+        let mut crc = flate2::Crc::new();
+        crc.update(kind);
+        crc.update(data);
+        out.extend_from_slice(&crc.sum().to_be_bytes());
+    }
+    let mut p = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&60_000u32.to_be_bytes());
+    ihdr.extend_from_slice(&60_000u32.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 0, 0, 0, 0]); // 8-bit grey
+    chunk(&mut p, b"IHDR", &ihdr);
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+    z.write_all(&vec![0u8; 1 << 20]).unwrap();
+    chunk(&mut p, b"IDAT", &z.finish().unwrap());
+    chunk(&mut p, b"IEND", &[]);
+    p
+}
+
+fn stow_body(dicom: &[u8]) -> (String, Vec<u8>) {
+    let boundary = "carina-limits";
+    let mut body = format!("--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").into_bytes();
+    body.extend_from_slice(dicom);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    (
+        format!("multipart/related; type=\"application/dicom\"; boundary={boundary}"),
+        body,
+    )
+}
+
+fn text(a: &Answer) -> String {
+    String::from_utf8_lossy(&a.2).to_string()
+}
+
+#[test]
+fn bombs_are_refused_without_the_memory_they_ask_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path(), &[("CARINA_FHIR_MAX_BODY_MB", "4")]);
+    let pid = s.child.id();
+    let dicom = std::fs::read(root().join("dicom-samples/derived_DX_covid_hannover.dcm")).unwrap();
+    // warm up: one real analysis (the inference and Grad-CAM buffers count in the baseline)
+    let a = request(
+        s.http,
+        "POST",
+        "/v1/analyze",
+        &[("Content-Type", "application/dicom")],
+        &dicom,
+    )
+    .unwrap();
+    assert_eq!(a.0, 200, "{}", text(&a));
+    let base = peak_kib(pid);
+
+    let mut jpeg_dicom = std::fs::read(root().join("dicom-samples/SC_rgb_jpeg_dcmtk.dcm")).unwrap();
+    patch_sof(&mut jpeg_dicom, 32768);
+    let mut jpeg =
+        std::fs::read(root().join("tests/fixtures/images/hannover_4d98e1de.jpg")).unwrap();
+    patch_sof(&mut jpeg, 32768);
+    let mut report = Vec::new();
+    let mut check = |what: &str, a: Answer, want: u16, says: &str| {
+        assert_eq!(a.0, want, "{what}: {}", text(&a));
+        assert!(text(&a).contains(says), "{what}: {}", text(&a));
+        report.push(what.to_string());
+    };
+    let t = Instant::now();
+    let a = request(
+        s.http,
+        "POST",
+        "/v1/analyze",
+        &[("Content-Type", "application/dicom")],
+        &jpeg_dicom,
+    )
+    .unwrap();
+    check(
+        "DICOM with a 32768² JPEG, /v1/analyze",
+        a,
+        422,
+        "declares 32768 x 32768",
+    );
+    let (ct, body) = stow_body(&jpeg_dicom);
+    let a = request(
+        s.http,
+        "POST",
+        "/dicomweb/studies",
+        &[("Content-Type", &ct)],
+        &body,
+    )
+    .unwrap();
+    check(
+        "DICOM with a 32768² JPEG, STOW-RS",
+        a,
+        409,
+        "declares 32768 x 32768",
+    );
+    let a = request(
+        s.http,
+        "POST",
+        "/v1/analyze",
+        &[("Content-Type", "image/png")],
+        &png_bomb(),
+    )
+    .unwrap();
+    check("PNG declaring 60000²", a, 422, "");
+    let a = request(
+        s.http,
+        "POST",
+        "/v1/analyze",
+        &[("Content-Type", "image/jpeg")],
+        &jpeg,
+    )
+    .unwrap();
+    check("JPEG declaring 32768²", a, 422, "");
+    let fhir = [("Content-Type", "application/fhir+json")];
+    let deep = "[".repeat(1_000_000);
+    let a = request(s.http, "POST", "/fhir/Patient", &fhir, deep.as_bytes()).unwrap();
+    check("FHIR JSON 1,000,000 levels deep", a, 400, "nests deeper");
+    let wide = format!(
+        "{{\"resourceType\":\"Patient\",\"name\":[{}{{}}]}}",
+        "{},".repeat(1_000_000)
+    );
+    let a = request(s.http, "POST", "/fhir/Patient", &fhir, wide.as_bytes()).unwrap();
+    check("FHIR JSON array of 1,000,000 elements", a, 400, "more than");
+    let big = vec![b' '; 5 << 20];
+    let a = request(s.http, "POST", "/fhir/Patient", &fhir, &big).unwrap();
+    check("FHIR body over its 4 MiB limit", a, 413, "");
+    let ors: Vec<String> = (0..5000).map(|i| format!("id{i}")).collect();
+    let a = request(
+        s.http,
+        "GET",
+        &format!("/fhir/Patient?_id={}", ors.join(",")),
+        &[],
+        &[],
+    )
+    .unwrap();
+    check("search with 5000 OR'd values", a, 400, "at most");
+    let elapsed = t.elapsed();
+    let grew = peak_kib(pid).saturating_sub(base);
+    println!(
+        "{} bombs refused in {:.0} ms in all; peak RSS {} MiB before, grew by {} MiB",
+        report.len(),
+        elapsed.as_secs_f64() * 1000.0,
+        base / 1024,
+        grew / 1024
+    );
+    assert!(grew < 64 * 1024, "peak memory grew by {} MiB", grew / 1024);
+    // and the server still works
+    let a = request(
+        s.http,
+        "POST",
+        "/v1/analyze",
+        &[("Content-Type", "application/dicom")],
+        &dicom,
+    )
+    .unwrap();
+    assert_eq!(a.0, 200);
+}
+
+#[test]
+fn a_fhir_flood_does_not_lock_dicom_intake_out() {
+    let dir = tempfile::tempdir().unwrap();
+    // no workers: nothing drains the queue during the test
+    let s = start(
+        dir.path(),
+        &[("CARINA_WORKERS", "0"), ("CARINA_MAX_BACKLOG", "100")],
+    );
+    let n = 11_000;
+    let entries: Vec<Value> = (0..n)
+        .map(|i| {
+            json!({"resource": {"resourceType": "Patient", "id": format!("p{i}"), "gender": "female", "birthDate": "1950-01-01"},
+                   "request": {"method": "PUT", "url": format!("Patient/p{i}")}})
+        })
+        .collect();
+    let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": entries}).to_string();
+    let fhir = [("Content-Type", "application/fhir+json")];
+    let t = Instant::now();
+    let a = request(s.http, "POST", "/fhir", &fhir, tx.as_bytes()).unwrap();
+    assert_eq!(a.0, 200, "{}", text(&a));
+    println!(
+        "transaction of {n} Patients stored in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    // one pending risk job per patient, whatever the number of writes
+    let again =
+        json!({"resourceType": "Patient", "id": "p7", "gender": "male", "birthDate": "1951-01-01"});
+    // the FHIR backlog is full now: further FHIR writes wait (503 + Retry-After) …
+    let a = request(
+        s.http,
+        "PUT",
+        "/fhir/Patient/p7",
+        &fhir,
+        again.to_string().as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(a.0, 503, "{}", text(&a));
+    assert!(a.1.contains_key("retry-after"));
+    // … but DICOM intake, which counts imaging jobs, still accepts
+    let dicom = std::fs::read(root().join("dicom-samples/derived_DX_covid_hannover.dcm")).unwrap();
+    let (ct, body) = stow_body(&dicom);
+    let a = request(
+        s.http,
+        "POST",
+        "/dicomweb/studies",
+        &[("Content-Type", &ct)],
+        &body,
+    )
+    .unwrap();
+    assert_eq!(a.0, 200, "{}", text(&a));
+    let a = request(
+        s.http,
+        "GET",
+        "/v1/jobs?kind=risk&subject=Patient/p7",
+        &[],
+        &[],
+    )
+    .unwrap();
+    let jobs: Value = serde_json::from_slice(&a.2).unwrap();
+    assert_eq!(jobs["jobs"].as_array().unwrap().len(), 1, "{jobs}");
+}
