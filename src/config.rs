@@ -53,6 +53,9 @@ pub struct Settings {
     pub auth: crate::auth::AuthSettings,
     /// Outbound calls (`[outbound]`): allow-list, CA bundle, response cap.
     pub outbound: crate::outbound::OutboundSettings,
+    /// HTTP server limits (`[http_limits]`): head and body deadlines, connections, requests in
+    /// flight.
+    pub http_limits: crate::api::serve::HttpLimits,
     /// Host header values links may be built from when `public_url` is unset (loopback names
     /// are always allowed).
     pub allowed_hosts: Vec<String>,
@@ -132,6 +135,8 @@ pub struct DicomSettings {
     pub transfer_syntaxes: Vec<String>,
     /// Largest PDU Carina receives, in bytes.
     pub max_pdu: u32,
+    /// Seconds an association may stay silent before it is closed.
+    pub idle_timeout_secs: u64,
     /// Refuse associations and STOW/C-STORE instances when the data folder has less free space
     /// than this, in MiB.
     pub min_free_mb: u64,
@@ -151,6 +156,7 @@ impl Default for DicomSettings {
             max_associations: 16,
             transfer_syntaxes: Vec::new(),
             max_pdu: 65536,
+            idle_timeout_secs: 30,
             min_free_mb: 512,
             routes: Vec::new(),
             destinations: Vec::new(),
@@ -180,6 +186,7 @@ impl Default for Settings {
             auth: crate::auth::AuthSettings::default(),
             outbound: crate::outbound::OutboundSettings::default(),
             allowed_hosts: Vec::new(),
+            http_limits: crate::api::serve::HttpLimits::default(),
         }
     }
 }

@@ -143,12 +143,11 @@ fn serve(common: &Common) -> anyhow::Result<()> {
         }
         let listener = tokio::net::TcpListener::bind(settings.http).await?;
         tracing::info!(addr = %listener.local_addr()?, "carina listening");
-        axum::serve(listener, api::router(state.clone()))
-            .with_graceful_shutdown(async move {
-                shutdown().await;
-                let _ = stop_tx.send(true);
-            })
-            .await?;
+        api::serve::serve(listener, api::router(state.clone()), &settings.http_limits, async move {
+            shutdown().await;
+            let _ = stop_tx.send(true);
+        })
+        .await?;
         // no new requests now; workers finish their jobs or release the leases
         let _ = tokio::time::timeout(grace, worker).await;
         state.store.close().await;

@@ -326,3 +326,88 @@ async fn associations_are_refused_by_ae_rules_and_when_disk_is_short() {
     );
     assert_eq!(stored_count(&s).await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slots_are_taken_after_the_request_and_idle_or_oversized_peers_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let settings = DicomSettings {
+        max_associations: 1,
+        idle_timeout_secs: 1,
+        allowed_calling_aes: vec!["PACS@127.0.0.1".into(), "REMOTE@10.9.9.9".into()],
+        ..DicomSettings::default()
+    };
+    let s = scp(settings, 0).await;
+    // AE@host: the right title from the wrong address is refused
+    let out = run(pynetdicom(
+        "echo",
+        s.addr,
+        &["--aec", "CARINA", "--aet", "REMOTE", "-v"],
+    ))
+    .await;
+    assert_rejected(&out, "Permanent");
+    // a connection that never sends an A-ASSOCIATE-RQ does not take the only slot
+    let mut idle = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let out = run(pynetdicom(
+        "echo",
+        s.addr,
+        &["--aec", "CARINA", "--aet", "PACS"],
+    ))
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    // an association that goes silent is closed after the idle timeout (1 s here)
+    let py = format!(
+        "import sys,time\nfrom pynetdicom import AE\nae=AE(ae_title='PACS')\nae.add_requested_context('1.2.840.10008.1.1')\n\
+         a=ae.associate('{}',{},ae_title='CARINA')\nassert a.is_established\ntime.sleep(4)\nprint('alive' if a.is_established else 'closed')\n",
+        s.addr.ip(),
+        s.addr.port()
+    );
+    let out = run({
+        let mut c = Command::new(root().join(".venv/bin/python"));
+        c.args(["-c", &py]);
+        c
+    })
+    .await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "closed",
+        "{out:?}"
+    );
+    // a command set over 64 KiB aborts the association (a real C-ECHO-RQ is ~70 bytes); the
+    // idle timeout is long here, so only the cap can end it
+    let patient = scp(
+        DicomSettings {
+            idle_timeout_secs: 60,
+            ..DicomSettings::default()
+        },
+        0,
+    )
+    .await;
+    let py = format!(
+        "from pynetdicom import AE\nfrom pynetdicom.pdu_primitives import P_DATA\nimport time\n\
+         ae=AE(ae_title='PACS')\nae.add_requested_context('1.2.840.10008.1.1')\n\
+         a=ae.associate('{}',{},ae_title='CARINA')\nassert a.is_established\n\
+         for i in range(20):\n    p=P_DATA(); p.presentation_data_value_list=[[1, b'\\x01' + b'\\0'*8000]]; a.dul.send_pdu(p)\n\
+         time.sleep(2)\nprint('aborted' if a.is_aborted or not a.is_established else 'alive')\n",
+        patient.addr.ip(),
+        patient.addr.port()
+    );
+    let out = run({
+        let mut c = Command::new(root().join(".venv/bin/python"));
+        c.args(["-c", &py]);
+        c
+    })
+    .await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "aborted",
+        "{out:?}"
+    );
+    // the connection that never associated was dropped after 10 s, not kept forever
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(20), idle.read(&mut buf))
+        .await
+        .expect("the server closes a connection that never associates")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    let _ = idle.shutdown().await;
+}

@@ -40,6 +40,10 @@ fn free_port() -> u16 {
 }
 
 fn start(data: &Path, env: &[(&str, &str)]) -> Server {
+    start_with(data, env, None)
+}
+
+fn start_with(data: &Path, env: &[(&str, &str)], config: Option<&Path>) -> Server {
     let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_carina"));
     cmd.current_dir(root())
@@ -56,6 +60,9 @@ fn start(data: &Path, env: &[(&str, &str)]) -> Server {
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null());
+    if let Some(c) = config {
+        cmd.arg("--config").arg(c);
+    }
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -163,6 +170,68 @@ fn stow_body(dicom: &[u8]) -> (String, Vec<u8>) {
 
 fn text(a: &Answer) -> String {
     String::from_utf8_lossy(&a.2).to_string()
+}
+
+/// Reads until the server closes the connection or `limit` passes; `None` when still open.
+fn read_until_closed(s: &mut TcpStream, limit: Duration) -> Option<Vec<u8>> {
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Some(got),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Some(got),
+            Err(_) => return None,
+        }
+    }
+}
+
+#[test]
+fn slow_clients_are_dropped_or_answered_408_and_in_flight_is_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("carina.toml");
+    std::fs::write(
+        &config,
+        "[http_limits]\nheader_timeout_secs = 1\nbody_idle_secs = 1\nmax_connections = 64\nmax_in_flight = 1\n",
+    )
+    .unwrap();
+    let s = start_with(dir.path(), &[], Some(&config));
+    // slowloris: half a request head, then nothing: the connection is dropped
+    let mut slow = TcpStream::connect(s.http).unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let t = Instant::now();
+    let closed = read_until_closed(&mut slow, Duration::from_secs(20));
+    assert!(
+        closed.is_some(),
+        "a connection that never finishes its head is dropped"
+    );
+    println!("slow head dropped after {:.1} s", t.elapsed().as_secs_f64());
+    // a body that stops arriving: 408 (and meanwhile it holds the only in-flight slot)
+    let mut stalled = TcpStream::connect(s.http).unwrap();
+    stalled
+        .write_all(b"POST /fhir/Patient HTTP/1.1\r\nHost: x\r\nContent-Type: application/fhir+json\r\nContent-Length: 100\r\n\r\n{\"resourceType\"")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let busy = request(s.http, "GET", "/fhir/metadata", &[], &[]).unwrap();
+    assert_eq!(
+        busy.0,
+        503,
+        "the one in-flight slot is taken: {}",
+        text(&busy)
+    );
+    assert!(busy.1.contains_key("retry-after"));
+    let answer = read_until_closed(&mut stalled, Duration::from_secs(20)).unwrap();
+    let head = String::from_utf8_lossy(&answer);
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    // the server is fine afterwards
+    assert_eq!(
+        request(s.http, "GET", "/fhir/metadata", &[], &[])
+            .unwrap()
+            .0,
+        200
+    );
 }
 
 #[test]

@@ -147,6 +147,12 @@ pub fn body_error(status: StatusCode, text: String, limit: usize) -> ApiError {
             "too-costly",
             format!("request body larger than the limit of {limit} bytes"),
         )
+    } else if text.contains("designated timeout") {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "timeout",
+            "the request body stopped arriving; send it again",
+        )
     } else {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid", text)
     }

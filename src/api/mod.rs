@@ -9,6 +9,7 @@ pub mod fhir;
 pub mod legacy;
 pub mod meta;
 pub mod ops;
+pub mod serve;
 
 use axum::extract::DefaultBodyLimit;
 use axum::handler::Handler;

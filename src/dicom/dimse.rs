@@ -103,6 +103,7 @@ pub async fn serve(
 ) {
     tokio::pin!(stop);
     let slots = Arc::new(Semaphore::new(settings.max_associations.max(1)));
+    let waiting = Arc::new(Semaphore::new(settings.max_associations.max(1) * 4));
     let settings = Arc::new(settings);
     loop {
         let (socket, peer) = tokio::select! {
@@ -124,19 +125,16 @@ pub async fn serve(
             ));
             continue;
         }
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            crate::metrics::global().dimse_association("rejected");
-            tracing::warn!(%peer, "association refused: association limit reached");
-            tokio::spawn(reject(
-                socket,
-                AssociationRJServiceProviderPresentationReason::LocalLimitExceeded,
-            ));
+        // connections that have not sent an A-ASSOCIATE-RQ yet are bounded too
+        let Ok(pending) = waiting.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "connection dropped: too many connections without an association");
             continue;
         };
-        let (settings, ingest) = (settings.clone(), ingest.clone());
+        let (settings, ingest, slots) = (settings.clone(), ingest.clone(), slots.clone());
         tokio::spawn(async move {
-            let _permit = permit;
-            if let Err(e) = association(socket, &settings, &ingest, max_instance).await {
+            if let Err(e) =
+                association(socket, &settings, &ingest, max_instance, slots, pending).await
+            {
                 tracing::info!(%peer, error = %e, "association ended");
             }
         });
@@ -215,11 +213,16 @@ struct PendingStore {
     overflow: bool,
 }
 
+/// Largest DIMSE command set accepted (a C-STORE-RQ is a few hundred bytes).
+const MAX_COMMAND_SET: usize = 64 * 1024;
+
 async fn association(
     socket: TcpStream,
     settings: &DicomSettings,
     ingest: &Ingest,
     max_instance: usize,
+    slots: Arc<Semaphore>,
+    pending: tokio::sync::OwnedSemaphorePermit,
 ) -> Result<(), dicom_ul::association::Error> {
     let peer = socket.peer_addr().map(|a| a.ip()).ok();
     let allowed = match peer {
@@ -233,25 +236,41 @@ async fn association(
     };
     // AE title rules are checked here, so the rejection is sent like the others (dicom-ul
     // closes right after its own RJ, which some requestors then miss)
-    if let Some((called, calling)) = peek_ae_titles(&socket).await {
-        if let Err(reason) = rules.check_access(&settings.ae_title, &calling, &called, None) {
-            crate::metrics::global().dimse_association("rejected");
-            tracing::warn!(calling = %calling, "association refused by AE title rules");
-            reject_with(
-                socket,
-                AssociationRJResult::Permanent,
-                AssociationRJSource::ServiceUser(reason),
-            )
-            .await;
-            return Ok(());
-        }
+    // no A-ASSOCIATE-RQ within 10 s (or something else): the connection is dropped
+    let Some((called, calling)) = peek_ae_titles(&socket).await else {
+        tracing::info!("connection dropped: no A-ASSOCIATE-RQ");
+        return Ok(());
+    };
+    if let Err(reason) = rules.check_access(&settings.ae_title, &calling, &called, None) {
+        crate::metrics::global().dimse_association("rejected");
+        tracing::warn!(calling = %calling, "association refused by AE title rules");
+        reject_with(
+            socket,
+            AssociationRJResult::Permanent,
+            AssociationRJSource::ServiceUser(reason),
+        )
+        .await;
+        return Ok(());
     }
+    // the A-ASSOCIATE-RQ arrived and passed the AE rules: now it may take an association slot
+    let Ok(_slot) = slots.try_acquire_owned() else {
+        crate::metrics::global().dimse_association("rejected");
+        tracing::warn!("association refused: association limit reached");
+        reject(
+            socket,
+            AssociationRJServiceProviderPresentationReason::LocalLimitExceeded,
+        )
+        .await;
+        return Ok(());
+    };
+    drop(pending);
+    let idle = Duration::from_secs(settings.idle_timeout_secs.max(1));
     let mut options = ServerAssociationOptions::new()
         .ae_access_control(rules)
         .ae_title(settings.ae_title.clone())
         .max_pdu_length(settings.max_pdu)
-        .read_timeout(Duration::from_secs(120))
-        .write_timeout(Duration::from_secs(120))
+        .read_timeout(idle)
+        .write_timeout(idle)
         // any storage SOP class is accepted (stored, analysed when routed)
         .promiscuous(true)
         .with_abstract_syntax(VERIFICATION);
@@ -269,6 +288,11 @@ async fn association(
                 for pdv in data {
                     match pdv.value_type {
                         PDataValueType::Command => {
+                            if command.len() + pdv.data.len() > MAX_COMMAND_SET {
+                                tracing::warn!("association aborted: command set larger than {MAX_COMMAND_SET} bytes");
+                                let _ = assoc.abort().await;
+                                return Ok(());
+                            }
                             command.extend_from_slice(&pdv.data);
                             if !pdv.is_last {
                                 continue;
