@@ -80,6 +80,8 @@ pub struct JobsSettings {
     pub shutdown_grace_secs: u64,
     /// Days finished jobs are kept before they are pruned (0: forever; dead jobs are kept).
     pub keep_done_days: u64,
+    /// Seconds one attempt of a job may run before it fails and is retried with backoff.
+    pub deadline_secs: u64,
 }
 
 impl Default for JobsSettings {
@@ -92,6 +94,7 @@ impl Default for JobsSettings {
             max_backlog: 10_000,
             shutdown_grace_secs: 20,
             keep_done_days: 7,
+            deadline_secs: 600,
         }
     }
 }
@@ -110,6 +113,7 @@ impl JobsSettings {
             keep_done: (self.keep_done_days > 0).then(|| {
                 std::time::Duration::from_secs(self.keep_done_days.saturating_mul(86_400))
             }),
+            deadline: std::time::Duration::from_secs(self.deadline_secs.max(1)),
         }
     }
 }

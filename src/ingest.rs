@@ -45,6 +45,9 @@ pub enum IngestError {
     /// Not enough free disk space, or too many jobs waiting (backpressure).
     #[error("out of resources: {0}")]
     OutOfResources(String),
+    /// The SOP Instance UID is stored already with other content (the stored one is kept).
+    #[error("duplicate SOP Instance UID with different content; the stored instance is kept")]
+    Duplicate(Box<InstanceIndex>),
     /// Database or file system failure.
     #[error("storage failed: {0}")]
     Store(#[from] StoreError),
@@ -57,6 +60,7 @@ impl IngestError {
             Self::Parse(e) => e.status(),
             Self::StudyMismatch { .. } => status::DATASET_MISMATCH,
             Self::OutOfResources(_) => status::OUT_OF_RESOURCES,
+            Self::Duplicate(_) => status::DUPLICATE_SOP_INSTANCE,
             Self::Store(StoreError::Io(_)) => status::OUT_OF_RESOURCES,
             Self::Store(e) if e.is_unavailable() || e.is_storage_full() => status::OUT_OF_RESOURCES,
             Self::Store(_) => status::PROCESSING_FAILURE,
@@ -66,7 +70,7 @@ impl IngestError {
     /// Class and instance UIDs when known.
     pub fn uids(&self) -> Option<(&str, &str)> {
         match self {
-            Self::StudyMismatch { index, .. } => {
+            Self::StudyMismatch { index, .. } | Self::Duplicate(index) => {
                 Some((&index.sop_class_uid, &index.sop_instance_uid))
             }
             _ => None,
@@ -340,7 +344,19 @@ impl Ingest {
         job: Option<(&NewJob, Option<(&str, Duration)>)>,
     ) -> Result<Accepted, IngestError> {
         let ix = parsed.index;
-        if self.store.instance(&ix.sop_instance_uid).await?.is_some() {
+        if let Some(stored) = self.store.instance(&ix.sop_instance_uid).await? {
+            // a re-send is idempotent only with the same data set (Carina's own results are
+            // re-made on re-runs and always match by their derived UIDs)
+            if result_of.is_none() {
+                let old = self.store.instance_file(&stored).await?;
+                let same = old.as_deref().is_none_or(|old| {
+                    crate::dicom::parse::data_set_of(old)
+                        == crate::dicom::parse::data_set_of(&parsed.part10)
+                });
+                if !same {
+                    return Err(IngestError::Duplicate(Box::new(ix)));
+                }
+            }
             return Ok(Accepted {
                 index: ix,
                 new: false,

@@ -33,6 +33,9 @@ pub struct JobSettings {
     pub grace: Duration,
     /// How long finished jobs are kept before they are pruned (`None`: forever).
     pub keep_done: Option<Duration>,
+    /// How long one attempt may run; then it fails and is retried with backoff (a hung fetch
+    /// or a stuck peer cannot hold a worker forever).
+    pub deadline: Duration,
 }
 
 impl Default for JobSettings {
@@ -46,6 +49,7 @@ impl Default for JobSettings {
             max_attempts: 5,
             grace: Duration::from_secs(20),
             keep_done: Some(Duration::from_secs(7 * 24 * 3600)),
+            deadline: Duration::from_secs(600),
         }
     }
 }
@@ -177,6 +181,13 @@ impl Worker {
             let outcome = tokio::select! {
                 r = &mut work => Some(r),
                 () = grace => None,
+                () = tokio::time::sleep(s.deadline) => {
+                    tracing::warn!(secs = s.deadline.as_secs(), "job attempt ran past its deadline");
+                    Some(Err(JobError::Retry(format!(
+                        "the attempt ran past its deadline of {} s",
+                        s.deadline.as_secs()
+                    ))))
+                }
             };
             heartbeat.abort();
             let m = crate::metrics::global();

@@ -590,3 +590,49 @@ fn decoders_match_the_pydicom_reference() {
         String::from_utf8_lossy(&res.stderr)
     );
 }
+
+#[tokio::test]
+async fn a_resend_with_other_content_is_refused_0111_and_the_stored_instance_kept() {
+    let (app, _dir, ingest) = app_with_ingest(64 * MB).await;
+    let original = sample("dicom-samples/CT_small.dcm");
+    let (s, _, _) = send(
+        &app,
+        stow(
+            "/dicomweb/studies",
+            &[("application/dicom", original.clone())],
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    // identical again: an idempotent success
+    let (s, _, _) = send(
+        &app,
+        stow(
+            "/dicomweb/studies",
+            &[("application/dicom", original.clone())],
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    // same SOP Instance UID, one pixel changed: refused with 0111, UIDs named
+    let mut tampered = original.clone();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 0xFF;
+    let (s, _, b) = send(
+        &app,
+        stow("/dicomweb/studies", &[("application/dicom", tampered)]),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{}", String::from_utf8_lossy(&b));
+    let failed = &json(&b)["00081198"]["Value"][0];
+    assert_eq!(first(failed, "00081197"), 0x0111);
+    let (_, _, sop) = uids("dicom-samples/CT_small.dcm");
+    assert_eq!(first(failed, "00081155"), sop.as_str());
+    let ix = ingest.store().instance(&sop).await.unwrap().unwrap();
+    let kept = ingest.store().instance_file(&ix).await.unwrap().unwrap();
+    assert_eq!(
+        carina::dicom::parse::data_set_of(&kept),
+        carina::dicom::parse::data_set_of(&original),
+        "the first version is kept"
+    );
+}

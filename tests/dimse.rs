@@ -12,7 +12,7 @@ use std::process::Command;
 use carina::config::DicomSettings;
 use carina::dicom::dimse;
 use carina::ingest::Ingest;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use common::{registry_async, root};
 
@@ -410,4 +410,31 @@ async fn slots_are_taken_after_the_request_and_idle_or_oversized_peers_are_cut_o
         .unwrap_or(0);
     assert_eq!(n, 0);
     let _ = idle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_store_of_other_content_under_a_stored_uid_gets_0111() {
+    let s = scp(DicomSettings::default(), 0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let original = std::fs::read(sample("CT_small.dcm")).unwrap();
+    let mut tampered = original.clone();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 0xFF;
+    let (a, b) = (dir.path().join("a.dcm"), dir.path().join("b.dcm"));
+    std::fs::write(&a, &original).unwrap();
+    std::fs::write(&b, &tampered).unwrap();
+    let out = run(pynetdicom(
+        "store",
+        s.addr,
+        &[
+            "--raw",
+            a.to_str().unwrap(),
+            a.to_str().unwrap(),
+            b.to_str().unwrap(),
+        ],
+    ))
+    .await;
+    let statuses: Vec<Value> = lines(&out).iter().map(|l| l["status"].clone()).collect();
+    assert_eq!(statuses, vec![json!(0), json!(0), json!(0x0111)], "{out:?}");
+    assert_eq!(stored_count(&s).await, 1);
 }

@@ -274,3 +274,59 @@ async fn jobs_api_lists_by_state_and_shows_one() {
         assert!(text.contains(family), "{family} in\n{text}");
     }
 }
+
+#[tokio::test]
+async fn an_attempt_past_its_deadline_is_retried_and_pending_keys_allow_one_queued_job() {
+    let (store, _d) = fresh().await;
+    // one pending job per key: a second enqueue while queued is deduplicated ...
+    let first = store
+        .enqueue(&job("p1", Some("pending:risk:p1"), 3))
+        .await
+        .unwrap();
+    assert!(first.is_some());
+    assert!(store
+        .enqueue(&job("p1", Some("pending:risk:p1"), 3))
+        .await
+        .unwrap()
+        .is_none());
+    // ... and once the worker has claimed it, a new write queues the next run. The handler
+    // hangs: the attempt ends at the deadline and goes back to the queue with the reason.
+    let hang: carina::worker::Handler = std::sync::Arc::new(|_job| {
+        Box::pin(async {
+            std::future::pending::<()>().await;
+            Ok(serde_json::json!({}))
+        })
+    });
+    let settings = carina::worker::JobSettings {
+        deadline: Duration::from_secs(1),
+        backoff: Duration::from_secs(3600),
+        concurrency: 1,
+        ..carina::worker::JobSettings::default()
+    };
+    let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+    let worker = carina::worker::Worker::new(store.clone(), settings, hang, wake);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(worker.run(stop_rx));
+    let id = first.unwrap();
+    let mut last = None;
+    for _ in 0..100 {
+        let j = store.job(&id).await.unwrap().unwrap();
+        if j.state == "queued" && j.attempts == 1 {
+            last = Some(j);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let j = last.expect("the hung attempt was ended by its deadline");
+    assert!(j.last_error.unwrap().contains("deadline"));
+    assert!(
+        store
+            .enqueue(&job("p1", Some("pending:risk:p1"), 3))
+            .await
+            .unwrap()
+            .is_some(),
+        "the claimed job no longer holds the pending key"
+    );
+    let _ = stop_tx.send(true);
+    task.abort();
+}

@@ -157,6 +157,25 @@ fn png_bomb() -> Vec<u8> {
     p
 }
 
+/// The deflated sample's file meta group, then a deflated data set of one 1 GiB OB element of
+/// zeros (about 1 MiB compressed).
+fn deflate_bomb() -> Vec<u8> {
+    let sample = std::fs::read(root().join("dicom-samples/image_dfl.dcm")).unwrap();
+    let data_set = carina::dicom::parse::data_set_of(&sample).unwrap();
+    let mut out = sample[..sample.len() - data_set.len()].to_vec();
+    let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+    // (0009,1010) OB, reserved, 32-bit length
+    z.write_all(&[0x09, 0x00, 0x10, 0x10, b'O', b'B', 0, 0])
+        .unwrap();
+    z.write_all(&(1u32 << 30).to_le_bytes()).unwrap();
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..1024 {
+        z.write_all(&zeros).unwrap();
+    }
+    out.extend_from_slice(&z.finish().unwrap());
+    out
+}
+
 fn stow_body(dicom: &[u8]) -> (String, Vec<u8>) {
     let boundary = "carina-limits";
     let mut body = format!("--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").into_bytes();
@@ -311,6 +330,21 @@ fn bombs_are_refused_without_the_memory_they_ask_for() {
     )
     .unwrap();
     check("JPEG declaring 32768²", a, 422, "");
+    let (ct, body) = stow_body(&deflate_bomb());
+    let a = request(
+        s.http,
+        "POST",
+        "/dicomweb/studies",
+        &[("Content-Type", &ct)],
+        &body,
+    )
+    .unwrap();
+    check(
+        "deflated data set inflating to 1 GiB, STOW-RS",
+        a,
+        409,
+        "inflates to more than",
+    );
     let fhir = [("Content-Type", "application/fhir+json")];
     let deep = "[".repeat(1_000_000);
     let a = request(s.http, "POST", "/fhir/Patient", &fhir, deep.as_bytes()).unwrap();

@@ -97,6 +97,7 @@ impl From<crate::ingest::IngestError> for ApiError {
             E::OutOfResources(_) => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "transient", e.to_string())
             }
+            E::Duplicate(_) => Self::new(StatusCode::CONFLICT, "duplicate", e.to_string()),
             E::Store(s) => s.into(),
         }
     }

@@ -260,9 +260,7 @@ impl Exporter {
 
 /// The data set bytes of a Part 10 file (after the file meta group).
 fn data_set(part10: &[u8]) -> Option<&[u8]> {
-    let gl = part10.get(140..144)?;
-    let gl = u32::from_le_bytes([gl[0], gl[1], gl[2], gl[3]]) as usize;
-    part10.get(144 + gl..)
+    super::parse::data_set_of(part10)
 }
 
 /// One C-STORE over a new association; the instance goes in its stored transfer syntax.

@@ -122,6 +122,14 @@ pub fn check_structure(from_magic: &[u8]) -> Result<(), ParseError> {
     check_lengths(from_magic.get(4..).unwrap_or_default())
 }
 
+/// The data set of a Part 10 file as Carina stores it (preamble, `DICM`, the file meta group
+/// whose group length is its first element), without the file meta group.
+pub fn data_set_of(part10: &[u8]) -> Option<&[u8]> {
+    let gl = part10.get(140..144)?;
+    let gl = u32::from_le_bytes([gl[0], gl[1], gl[2], gl[3]]) as usize;
+    part10.get(144usize.checked_add(gl)?..)
+}
+
 /// Parses Part 10 bytes (with or without the 128-byte preamble).
 ///
 /// # Errors
@@ -401,7 +409,7 @@ fn read_u32(body: &[u8], i: usize, big: bool) -> u32 {
 }
 
 /// Largest inflated size of a deflated data set (a decompression bomb stops here).
-pub const MAX_INFLATED: u64 = 256 << 20;
+pub const MAX_INFLATED: u64 = 64 << 20;
 
 /// Walks the element structure (file meta, then the data set in its transfer syntax) and
 /// refuses any value length that runs past the end of the data, or an invalid VR, before the
@@ -452,7 +460,19 @@ fn check_lengths(body: &[u8]) -> Result<(), ParseError> {
 /// Inflates a deflated data set (PS3.5 A.5: raw deflate), refusing more than [`MAX_INFLATED`].
 fn inflate(data: &[u8]) -> Result<Vec<u8>, ParseError> {
     use std::io::Read;
-    let mut out = Vec::new();
+    // first the size, into a sink: a bomb is refused without holding what it inflates to
+    let size = std::io::copy(
+        &mut flate2::read::DeflateDecoder::new(data).take(MAX_INFLATED + 1),
+        &mut std::io::sink(),
+    )
+    .map_err(|e| ParseError::Unreadable(format!("the deflated data set does not inflate: {e}")))?;
+    if size > MAX_INFLATED {
+        return Err(ParseError::Unreadable(format!(
+            "the deflated data set inflates to more than {} MiB",
+            MAX_INFLATED >> 20
+        )));
+    }
+    let mut out = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
     flate2::read::DeflateDecoder::new(data)
         .take(MAX_INFLATED + 1)
         .read_to_end(&mut out)

@@ -11,6 +11,8 @@ pub const DATASET_MISMATCH: u16 = 0xA900;
 pub const CANNOT_UNDERSTAND: u16 = 0xC000;
 /// Failure: processing failure (an internal error).
 pub const PROCESSING_FAILURE: u16 = 0x0110;
+/// Failure: duplicate SOP instance (the same SOP Instance UID with other content).
+pub const DUPLICATE_SOP_INSTANCE: u16 = 0x0111;
 /// Refused: SOP Class not supported.
 pub const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
 /// Unrecognised operation (a DIMSE command Carina does not provide).
