@@ -83,6 +83,14 @@ if [ "$want_test" = 1 ]; then
     $SUDO update-rc.d orthanc disable >/dev/null 2>&1 || true
   fi
   # --- end Orthanc ---------------------------------------------------------------------------
+  # --- rsyslog (tests/audit.rs: a real syslog collector for the audit feed) ------------------
+  if ! command -v rsyslogd >/dev/null 2>&1; then
+    echo "setup: installing rsyslog (apt-get)" >&2
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get install -y -q rsyslog >/dev/null 2>&1 \
+      || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q rsyslog >/dev/null; }
+    $SUDO service rsyslog stop >/dev/null 2>&1 || true
+  fi
   # --- HAProxy (tests/durability.rs runs replicas behind it with docker/haproxy.cfg) ---------
   if ! command -v haproxy >/dev/null 2>&1; then
     echo "setup: installing haproxy (apt-get)" >&2

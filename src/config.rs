@@ -53,6 +53,8 @@ pub struct Settings {
     pub auth: crate::auth::AuthSettings,
     /// Outbound calls (`[outbound]`): allow-list, CA bundle, response cap.
     pub outbound: crate::outbound::OutboundSettings,
+    /// The audit trail (`[audit]`): syslog feed.
+    pub audit: crate::audit::AuditSettings,
     /// HTTP server limits (`[http_limits]`): head and body deadlines, connections, requests in
     /// flight.
     pub http_limits: crate::api::serve::HttpLimits,
@@ -191,6 +193,7 @@ impl Default for Settings {
             outbound: crate::outbound::OutboundSettings::default(),
             allowed_hosts: Vec::new(),
             http_limits: crate::api::serve::HttpLimits::default(),
+            audit: crate::audit::AuditSettings::default(),
         }
     }
 }

@@ -3,6 +3,7 @@
 //! - [`config`]: settings from defaults, `carina.toml`, `CARINA_*` and flags.
 //! - [`cli`]: the `carina serve | predict | models` commands.
 //! - [`app`]: state shared by HTTP handlers.
+//! - [`audit`]: the audit trail: AuditEvents (DICOM/IHE ATNA codes), stored with the change, syslog.
 //! - [`auth`]: the trust boundary: bearer JWTs from the configured issuer → SMART scopes.
 //! - [`api`]: HTTP routes (the `/v1` API, the 2020 demo's `/covid19` API, web page, docs).
 //! - [`pipeline`]: the image analysis use case (decode → infer → Grad-CAM → overlay → FHIR).
@@ -22,6 +23,7 @@
 
 pub mod api;
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod config;

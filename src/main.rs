@@ -65,6 +65,10 @@ fn serve(common: &Common) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         let store = Store::connect(settings.database_url.as_deref(), &settings.data_dir).await?;
+        if let Some(addr) = &settings.audit.syslog {
+            carina::audit::set_feed(carina::audit::Syslog::start(addr.clone()));
+            tracing::info!("audit events are also sent to the syslog collector");
+        }
         // the one outbound client: the destinations this configuration names are allowed
         let configured: Vec<String> = settings
             .dicom

@@ -172,7 +172,8 @@ impl Worker {
                     }
                 })
             };
-            let work = (self.handler)(job);
+            // Carina itself acts: what the job stores is audited as its application activity
+            let work = crate::audit::ACTOR.scope(crate::audit::Actor::carina(), (self.handler)(job));
             tokio::pin!(work);
             let grace = async {
                 let _ = stop.wait_for(|v| *v).await;

@@ -485,6 +485,63 @@ async fn tokens_scopes_compartments_and_key_rotation_against_a_real_issuer() {
         403
     );
 
+    // --- the audit trail: who did what, with which outcome ----------------------------------
+    assert_eq!(
+        call("GET", &fhir("/AuditEvent"), Some(&pt), None)
+            .await
+            .status,
+        403
+    );
+    assert_eq!(
+        call("GET", &fhir("/AuditEvent"), Some(&writer), None)
+            .await
+            .status,
+        403,
+        "operator scope only"
+    );
+    let trail = call(
+        "GET",
+        &fhir("/AuditEvent?_count=1000"),
+        Some(&operator),
+        None,
+    )
+    .await;
+    assert_eq!(trail.status, 200);
+    let events: Vec<&Value> = trail.body["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["resource"])
+        .collect();
+    let by = |who: &str, f: &dyn Fn(&Value) -> bool| {
+        events
+            .iter()
+            .any(|e| e["agent"][0]["who"]["identifier"]["value"] == who && f(e))
+    };
+    assert!(
+        by("carina-patient-app", &|e| e["action"] == "R"
+            && e["entity"].to_string().contains("Patient/p1")),
+        "a patient-app read"
+    );
+    assert!(
+        by("carina-patient-app", &|e| e["type"]["code"] == "110113"
+            && e["outcome"] == "4"),
+        "its refused requests"
+    );
+    assert!(
+        by("carina-backend", &|e| e["action"] == "C"
+            && e["entity"].to_string().contains("Observation/")),
+        "a create, in its transaction"
+    );
+    assert!(
+        by("anonymous", &|e| e["type"]["code"] == "110113"
+            && e["outcomeDesc"] == "HTTP 401"),
+        "requests without a token"
+    );
+    assert!(events
+        .iter()
+        .all(|e| e["agent"][0]["who"]["identifier"]["value"].is_string()));
+
     // --- every way a token can be wrong --------------------------------------------------------
     let now = chrono::Utc::now().timestamp();
     let good = json!({"iss": issuer.url, "aud": audience, "exp": now + 300, "iat": now,

@@ -8,111 +8,14 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 use common::root;
-
-struct Server {
-    child: Child,
-    http: SocketAddr,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn start(data: &Path, env: &[(&str, &str)]) -> Server {
-    start_with(data, env, None)
-}
-
-fn start_with(data: &Path, env: &[(&str, &str)], config: Option<&Path>) -> Server {
-    let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_carina"));
-    cmd.current_dir(root())
-        .arg("serve")
-        .args(["--http", &http.to_string()])
-        .arg("--data-dir")
-        .arg(data)
-        .arg("--models")
-        .arg(root().join("models"))
-        .env("CARINA_MIN_FREE_MB", "0")
-        .env("CARINA_LOG_FORMAT", "json")
-        .env("CARINA_INTRA_THREADS", "1")
-        .env("CARINA_SESSIONS_PER_MODEL", "1")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    if let Some(c) = config {
-        cmd.arg("--config").arg(c);
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut s = Server {
-        child: cmd.spawn().unwrap(),
-        http,
-    };
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while request(http, "GET", "/readyz", &[], &[]).map(|a| a.0) != Some(200) {
-        assert!(s.child.try_wait().unwrap().is_none(), "carina exited");
-        assert!(Instant::now() < deadline, "carina not ready in 90 s");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    s
-}
-
-type Answer = (u16, HashMap<String, String>, Vec<u8>);
-
-fn request(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> Option<Answer> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(120))).ok()?;
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    s.write_all(head.as_bytes()).ok()?;
-    // the server may answer (413) and close before the whole body is sent
-    let _ = s.write_all(body);
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = String::from_utf8_lossy(&raw[..split]).to_string();
-    let mut lines = head.split("\r\n");
-    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    Some((status, headers, raw[split + 4..].to_vec()))
-}
+use common::server::{request, start, start_with, Answer};
 
 /// Peak resident memory of `pid` so far, in KiB.
 fn peak_kib(pid: u32) -> u64 {
@@ -396,7 +299,11 @@ fn a_fhir_flood_does_not_lock_dicom_intake_out() {
     // no workers: nothing drains the queue during the test
     let s = start(
         dir.path(),
-        &[("CARINA_WORKERS", "0"), ("CARINA_MAX_BACKLOG", "100")],
+        &[
+            ("CARINA_WORKERS", "0"),
+            ("CARINA_MAX_BACKLOG", "100"),
+            ("CARINA_FHIR_SYNC_WAIT_SECS", "0"),
+        ],
     );
     let n = 11_000;
     let entries: Vec<Value> = (0..n)

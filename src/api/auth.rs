@@ -14,7 +14,10 @@ use serde_json::json;
 
 use super::error::ApiError;
 use crate::app::AppState;
+use crate::audit::Actor;
 use crate::auth::{Access, AuthError, Interaction};
+
+mod audit;
 
 /// What a route needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +48,8 @@ pub fn need(method: &Method, path: &str) -> Need {
         [".well-known", "smart-configuration"]
         | ["fhir", ".well-known", "smart-configuration"]
         | ["fhir", "metadata"] => Need::Open,
+        // the audit trail: operators only (and read-only for everyone)
+        ["fhir", "AuditEvent", ..] => Need::Operator,
         ["covid19", ..] | ["static", ..] => Need::Legacy,
         ["v1", "models"] => Need::Token,
         ["v1", "analyze"] => Need::Whole("DiagnosticReport", Create),
@@ -67,58 +72,95 @@ pub fn need(method: &Method, path: &str) -> Need {
     }
 }
 
-/// The middleware: verifies the token the route needs and puts the [`Access`] into the
-/// request's extensions.
-pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+/// The middleware: verifies the token the route needs, puts the [`Access`] into the
+/// request's extensions, runs the request as its [`Actor`] (so the store audits changes in
+/// their transaction), then audits reads and refusals.
+pub async fn authorize(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let need = need(req.method(), req.uri().path());
-    let Some(auth) = state.auth.clone() else {
-        req.extensions_mut().insert(Access::Open);
-        return next.run(req).await;
+    let address = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip().to_string());
+    let anonymous = Actor {
+        who: "anonymous".into(),
+        client_id: None,
+        address: address.clone(),
+        system: false,
     };
-    match need {
-        Need::Open => {
-            req.extensions_mut().insert(Access::Open);
-            return next.run(req).await;
-        }
-        Need::Legacy if auth.legacy_api => {
-            req.extensions_mut().insert(Access::Open);
-            return next.run(req).await;
-        }
-        Need::Legacy => {
-            return refused(&AuthError::Forbidden(
-                "the 2020 demo API is off while authorization is on (its clients cannot send tokens; set auth.legacy_api = true to keep it)".into(),
-            ))
-        }
-        _ => {}
-    }
+    let (method, path) = (req.method().clone(), req.uri().clone());
     let token = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
             let (scheme, t) = v.split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| t.trim())
-        })
-        .map(str::to_string);
-    let Some(token) = token else {
-        return refused(&AuthError::InvalidToken(String::new()));
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| t.trim().to_string())
+        });
+    let (access, actor) = match check(&state, &need, token).await {
+        Ok(Some(p)) => {
+            let actor = Actor {
+                who: p.subject.clone(),
+                client_id: p.client_id.clone(),
+                address,
+                system: false,
+            };
+            (Access::Token(std::sync::Arc::new(p)), actor)
+        }
+        Ok(None) => (Access::Open, anonymous),
+        Err(e) => {
+            let r = refused(&e);
+            audit::after(&state, &anonymous, &method, &path, r.status()).await;
+            return r;
+        }
     };
-    let principal = match auth.verify(&token).await {
-        Ok(p) => p,
-        Err(e) => return refused(&e),
-    };
-    let access = Access::Token(std::sync::Arc::new(principal));
-    let checked = match &need {
-        Need::Whole(t, i) => access.whole(t, *i),
-        Need::Fhir(t, i) => access.fhir(t, *i).map(|_| ()),
-        Need::Operator => access.operator(),
-        Need::Token | Need::Entries | Need::Open | Need::Legacy => Ok(()),
-    };
-    if let Err(e) = checked {
-        return refused(&e);
-    }
+    let mut req = req;
     req.extensions_mut().insert(access);
-    next.run(req).await
+    let r = crate::audit::ACTOR
+        .scope(actor.clone(), next.run(req))
+        .await;
+    if need != Need::Open {
+        audit::after(&state, &actor, &method, &path, r.status()).await;
+    }
+    r
+}
+
+/// What the request may do: `None` when it needs no token (authorization off, an open route,
+/// the legacy API when kept), the verified principal otherwise.
+async fn check(
+    state: &AppState,
+    need: &Need,
+    token: Option<String>,
+) -> Result<Option<crate::auth::Principal>, AuthError> {
+    let Some(auth) = state.auth.clone() else {
+        return Ok(None);
+    };
+    match need {
+        Need::Open => return Ok(None),
+        Need::Legacy if auth.legacy_api => return Ok(None),
+        Need::Legacy => {
+            return Err(AuthError::Forbidden(
+                "the 2020 demo API is off while authorization is on (its clients cannot send tokens; set auth.legacy_api = true to keep it)".into(),
+            ))
+        }
+        _ => {}
+    }
+    let Some(token) = token else {
+        return Err(AuthError::InvalidToken(String::new()));
+    };
+    let principal = auth.verify(&token).await?;
+    let access = Access::Token(std::sync::Arc::new(principal));
+    match need {
+        Need::Whole(t, i) => access.whole(t, *i)?,
+        Need::Fhir(t, i) => access.fhir(t, *i).map(|_| ())?,
+        Need::Operator => access.operator()?,
+        Need::Token | Need::Entries | Need::Open | Need::Legacy => {}
+    }
+    match access {
+        Access::Token(p) => Ok(Some((*p).clone())),
+        Access::Open => Ok(None),
+    }
 }
 
 /// 401 or 403 with `WWW-Authenticate` (RFC 6750) and an OperationOutcome.

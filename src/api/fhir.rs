@@ -393,6 +393,7 @@ pub async fn create(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     rest::known_type(&resource_type)?;
+    read_only(&resource_type)?;
     let value = json_body(&state, &headers, body)?;
     let grant = access.fhir(&resource_type, Interaction::Create)?;
     writable(&grant, &resource_type, &value)?;
@@ -432,6 +433,7 @@ pub async fn update(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     rest::known_type(&resource_type)?;
+    read_only(&resource_type)?;
     let value = json_body(&state, &headers, body)?;
     let grant = access.fhir(&resource_type, Interaction::Update)?;
     writable(&grant, &resource_type, &value)?;
@@ -572,6 +574,18 @@ async fn accepting(state: &AppState) -> Result<(), ApiError> {
     }
 }
 
+/// The audit trail is written by Carina only: 405 for client writes of AuditEvents.
+fn read_only(resource_type: &str) -> Result<(), ApiError> {
+    if resource_type == "AuditEvent" {
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "not-supported",
+            "AuditEvents are written by Carina only (read and search need the operator scope)",
+        ));
+    }
+    Ok(())
+}
+
 /// A patient-level token meets a resource of another patient.
 fn outside() -> AuthError {
     AuthError::Forbidden("the resource is outside the patient compartment of this token".into())
@@ -610,6 +624,11 @@ fn check_entries(access: &Access, bundle: &Value) -> Result<(), AuthError> {
     }
     for (i, e) in bundle["entry"].as_array().into_iter().flatten().enumerate() {
         let method = e["request"]["method"].as_str().unwrap_or("");
+        if e["resource"]["resourceType"] == "AuditEvent" && method != "GET" {
+            return Err(AuthError::Forbidden(format!(
+                "Bundle.entry[{i}]: AuditEvents are written by Carina only"
+            )));
+        }
         let url = e["request"]["url"].as_str().unwrap_or("");
         let path = url.split(['?', '#']).next().unwrap_or("").trim_matches('/');
         let mut segments = path.split('/');

@@ -241,9 +241,16 @@ async fn association(
         tracing::info!("connection dropped: no A-ASSOCIATE-RQ");
         return Ok(());
     };
+    let actor = crate::audit::Actor {
+        who: format!("AE:{calling}"),
+        client_id: None,
+        address: peer.map(|p| p.to_string()),
+        system: false,
+    };
     if let Err(reason) = rules.check_access(&settings.ae_title, &calling, &called, None) {
         crate::metrics::global().dimse_association("rejected");
         tracing::warn!(calling = %calling, "association refused by AE title rules");
+        audit_association(ingest, &actor, false).await;
         reject_with(
             socket,
             AssociationRJResult::Permanent,
@@ -280,6 +287,7 @@ async fn association(
     let mut assoc = options.establish_async(socket).await?;
     tracing::info!(calling = assoc.peer_ae_title(), "association accepted");
     crate::metrics::global().dimse_association("accepted");
+    audit_association(ingest, &actor, true).await;
     let mut command: Vec<u8> = Vec::new();
     let mut pending: Option<PendingStore> = None;
     loop {
@@ -347,7 +355,10 @@ async fn association(
                                         .find(|pc| pc.id == p.context)
                                         .map(|pc| pc.transfer_syntax.clone())
                                         .unwrap_or_default();
-                                    let st = store(ingest, &p, &ts).await;
+                                    // stored and audited as this peer, in one transaction
+                                    let st = crate::audit::ACTOR
+                                        .scope(actor.clone(), store(ingest, &p, &ts))
+                                        .await;
                                     let r = response(
                                         C_STORE_RSP,
                                         p.message_id,
@@ -373,6 +384,31 @@ async fn association(
             }
             _ => {}
         }
+    }
+}
+
+/// Records an association (accepted, or refused by the AE rules: a security alert).
+async fn audit_association(ingest: &Ingest, actor: &crate::audit::Actor, accepted: bool) {
+    let event = crate::audit::Event {
+        kind: if accepted {
+            crate::audit::Kind::Association
+        } else {
+            crate::audit::Kind::SecurityAlert
+        },
+        action: crate::audit::Action::Execute,
+        outcome: if accepted { 0 } else { 4 },
+        outcome_text: Some(
+            if accepted {
+                "DIMSE association accepted"
+            } else {
+                "DIMSE association refused by the AE title rules"
+            }
+            .into(),
+        ),
+        entities: Vec::new(),
+    };
+    if let Err(e) = ingest.store().audit(&event, actor).await {
+        tracing::warn!(error = %e, "cannot record an AuditEvent");
     }
 }
 

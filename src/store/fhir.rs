@@ -52,92 +52,31 @@ impl Store {
         let now = index::instant(chrono::Utc::now());
         let mut tx = self.begin_write().await?;
         let mut out = Vec::with_capacity(writes.len());
-        for mut w in writes {
-            let current: Option<i64> = sqlx::query_scalar(
-                "SELECT version_id FROM fhir_resources WHERE resource_type = $1 AND id = $2 AND is_current = 1",
-            )
-            .bind(&w.resource_type)
-            .bind(&w.id)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if let Some(want) = w.if_match {
-                if current != Some(want) {
-                    return Err(StoreError::Conflict(format!(
-                        "{}/{}: If-Match version {want} is not the current version ({})",
-                        w.resource_type,
-                        w.id,
-                        current.map_or("none".into(), |v| v.to_string())
-                    )));
-                }
-            }
-            let version = current.unwrap_or(0) + 1;
-            if let Some(obj) = w.body.as_object_mut() {
-                obj.insert("id".into(), Value::String(w.id.clone()));
-                let meta = obj
-                    .entry("meta")
-                    .or_insert_with(|| Value::Object(Default::default()));
-                if let Some(m) = meta.as_object_mut() {
-                    m.insert("versionId".into(), Value::String(version.to_string()));
-                    m.insert("lastUpdated".into(), Value::String(now.clone()));
-                }
-            }
-            sqlx::query(
-                "UPDATE fhir_resources SET is_current = 0 WHERE resource_type = $1 AND id = $2 AND is_current = 1",
-            )
-            .bind(&w.resource_type)
-            .bind(&w.id)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "INSERT INTO fhir_resources (resource_type, id, version_id, last_updated, is_current, body) \
-                 VALUES ($1, $2, $3, $4, 1, $5)",
-            )
-            .bind(&w.resource_type)
-            .bind(&w.id)
-            .bind(version)
-            .bind(&now)
-            .bind(serde_json::to_string(&w.body)?)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| match e.as_database_error() {
-                Some(d) if d.is_unique_violation() => StoreError::Concurrent(format!(
-                    "{}/{} was updated by another request at the same time; send it again",
-                    w.resource_type, w.id
-                )),
-                _ => StoreError::Db(e),
-            })?;
-            sqlx::query("DELETE FROM fhir_index WHERE resource_type = $1 AND id = $2")
-                .bind(&w.resource_type)
-                .bind(&w.id)
-                .execute(&mut *tx)
-                .await?;
-            for Entry {
-                param,
-                system,
-                value,
-                value_hi,
-            } in index::extract(&w.resource_type, &w.body)
-            {
-                sqlx::query(
-                    "INSERT INTO fhir_index (resource_type, id, param, system, value, value_hi) VALUES ($1, $2, $3, $4, $5, $6)",
-                )
-                .bind(&w.resource_type)
-                .bind(&w.id)
-                .bind(param)
-                .bind(system)
-                .bind(value)
-                .bind(value_hi)
-                .execute(&mut *tx)
-                .await?;
-            }
-            out.push(Stored {
-                resource_type: w.resource_type,
-                id: w.id,
-                version,
-                last_updated: now.clone(),
-                created: current.is_none(),
-                body: w.body,
-            });
+        for w in writes {
+            out.push(write_one(&mut tx, w, &now).await?);
+        }
+        // the AuditEvent of the change, in the change's transaction
+        if let Some(actor) = crate::audit::current() {
+            let created = out.iter().all(|s| s.created);
+            let event = crate::audit::Event {
+                kind: if actor.system {
+                    crate::audit::Kind::Application
+                } else {
+                    crate::audit::Kind::Rest(if created { "create" } else { "update" })
+                },
+                action: if created {
+                    crate::audit::Action::Create
+                } else {
+                    crate::audit::Action::Update
+                },
+                outcome: 0,
+                outcome_text: None,
+                entities: out
+                    .iter()
+                    .map(|s| crate::audit::Entity::Fhir(format!("{}/{}", s.resource_type, s.id)))
+                    .collect(),
+            };
+            self.audit_in(&mut tx, &event, &actor, &now).await?;
         }
         if let Some(triggers) = &self.triggers {
             for job in triggers(&out) {
@@ -146,6 +85,48 @@ impl Store {
         }
         tx.commit().await?;
         Ok(out)
+    }
+
+    /// Writes the AuditEvent of `event` by `actor` inside `conn`'s transaction (and queues it
+    /// for the syslog feed).
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub(crate) async fn audit_in(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        event: &crate::audit::Event,
+        actor: &crate::audit::Actor,
+        now: &str,
+    ) -> Result<(), StoreError> {
+        let body = crate::audit::resource(event, actor);
+        let stored = write_one(
+            conn,
+            Write {
+                resource_type: "AuditEvent".into(),
+                id: uuid::Uuid::new_v4().to_string(),
+                body,
+                if_match: None,
+            },
+            now,
+        )
+        .await?;
+        crate::audit::forward(&stored.body);
+        Ok(())
+    }
+
+    /// Records an event on its own (reads, searches, refusals: nothing else to commit with).
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub async fn audit(
+        &self,
+        event: &crate::audit::Event,
+        actor: &crate::audit::Actor,
+    ) -> Result<(), StoreError> {
+        let now = index::instant(chrono::Utc::now());
+        let mut conn = self.pool.acquire().await?;
+        self.audit_in(&mut conn, event, actor, &now).await
     }
 
     /// The current version of a resource, or version `version`.
@@ -472,4 +453,97 @@ impl Store {
             jobs: serde_json::from_str(&text("jobs")?)?,
         }))
     }
+}
+
+/// One new version of a resource with its search index, inside `conn`'s transaction.
+async fn write_one(
+    conn: &mut sqlx::AnyConnection,
+    mut w: Write,
+    now: &str,
+) -> Result<Stored, StoreError> {
+    let current: Option<i64> = sqlx::query_scalar(
+            "SELECT version_id FROM fhir_resources WHERE resource_type = $1 AND id = $2 AND is_current = 1",
+        )
+        .bind(&w.resource_type)
+        .bind(&w.id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    if let Some(want) = w.if_match {
+        if current != Some(want) {
+            return Err(StoreError::Conflict(format!(
+                "{}/{}: If-Match version {want} is not the current version ({})",
+                w.resource_type,
+                w.id,
+                current.map_or("none".into(), |v| v.to_string())
+            )));
+        }
+    }
+    let version = current.unwrap_or(0) + 1;
+    if let Some(obj) = w.body.as_object_mut() {
+        obj.insert("id".into(), Value::String(w.id.clone()));
+        let meta = obj
+            .entry("meta")
+            .or_insert_with(|| Value::Object(Default::default()));
+        if let Some(m) = meta.as_object_mut() {
+            m.insert("versionId".into(), Value::String(version.to_string()));
+            m.insert("lastUpdated".into(), Value::String(now.to_string()));
+        }
+    }
+    sqlx::query(
+            "UPDATE fhir_resources SET is_current = 0 WHERE resource_type = $1 AND id = $2 AND is_current = 1",
+        )
+        .bind(&w.resource_type)
+        .bind(&w.id)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(
+            "INSERT INTO fhir_resources (resource_type, id, version_id, last_updated, is_current, body) \
+             VALUES ($1, $2, $3, $4, 1, $5)",
+        )
+        .bind(&w.resource_type)
+        .bind(&w.id)
+        .bind(version)
+        .bind(now)
+        .bind(serde_json::to_string(&w.body)?)
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| match e.as_database_error() {
+            Some(d) if d.is_unique_violation() => StoreError::Concurrent(format!(
+                "{}/{} was updated by another request at the same time; send it again",
+                w.resource_type, w.id
+            )),
+            _ => StoreError::Db(e),
+        })?;
+    sqlx::query("DELETE FROM fhir_index WHERE resource_type = $1 AND id = $2")
+        .bind(&w.resource_type)
+        .bind(&w.id)
+        .execute(&mut *conn)
+        .await?;
+    for Entry {
+        param,
+        system,
+        value,
+        value_hi,
+    } in index::extract(&w.resource_type, &w.body)
+    {
+        sqlx::query(
+                "INSERT INTO fhir_index (resource_type, id, param, system, value, value_hi) VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(&w.resource_type)
+            .bind(&w.id)
+            .bind(param)
+            .bind(system)
+            .bind(value)
+            .bind(value_hi)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(Stored {
+        resource_type: w.resource_type,
+        id: w.id,
+        version,
+        last_updated: now.to_string(),
+        created: current.is_none(),
+        body: w.body,
+    })
 }

@@ -287,6 +287,21 @@ impl Store {
         if let (true, Some((job, claimed))) = (new, job) {
             id = Store::insert_job(&mut tx, job, claimed).await?;
         }
+        // the AuditEvent of the transfer, in the same transaction
+        if let (true, Some(actor)) = (new, crate::audit::current()) {
+            let event = crate::audit::Event {
+                kind: crate::audit::Kind::InstancesTransferred,
+                action: crate::audit::Action::Create,
+                outcome: 0,
+                outcome_text: Some(format!("stored ({})", source.as_str())),
+                entities: vec![
+                    crate::audit::Entity::Study(ix.study_uid.clone()),
+                    crate::audit::Entity::Instance(ix.sop_instance_uid.clone()),
+                ],
+            };
+            let now = crate::fhir::index::instant(chrono::Utc::now());
+            self.audit_in(&mut tx, &event, &actor, &now).await?;
+        }
         tx.commit().await?;
         Ok((new, id))
     }

@@ -1,6 +1,8 @@
 //! Shared helpers for integration tests: fixture paths and a process-wide model registry.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod server;
+
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
