@@ -17,5 +17,5 @@ if command -v psql >/dev/null 2>&1; then
   psql "$PG_URL" -Atc "SELECT datname FROM pg_database WHERE datname LIKE 'carina_test_%'" 2>/dev/null |
     while read -r db; do psql "$PG_URL" -qc "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true; done
 fi
-CARINA_TEST_DATABASE_URL=$PG_URL cargo test --test api --test dicom --test dimse --test fhir \
+CARINA_TEST_DATABASE_URL=$PG_URL cargo test --test api --test auth --test dicom --test dimse --test fhir \
   --test jobs --test peers "$@"

@@ -192,6 +192,15 @@ async fn results_are_exported_by_c_store_and_stow_and_a_dead_destination_gives_u
         down.last_error.unwrap().contains("association"),
         "the reason is kept"
     );
+    // each export, and the final failure, is in the sender's audit trail
+    let trail = http_get(src.http, "/fhir/AuditEvent?_count=1000").await;
+    for what in [
+        "export to pacs: sent",
+        "export to web: sent",
+        "export to down: failed",
+    ] {
+        assert!(trail.contains(what), "{what}: {trail}");
+    }
     for receiver in [&pacs, &web] {
         let got = receiver
             .ingest

@@ -180,6 +180,23 @@ impl Exporter {
             }
             Err(f) => ("failed", Utc::now(), Some(f.message)),
         };
+        if state != "pending" {
+            // the export (or its final failure) goes into the audit trail
+            let event = crate::audit::Event {
+                kind: crate::audit::Kind::InstancesTransferred,
+                action: crate::audit::Action::Execute,
+                outcome: if error.is_none() { 0 } else { 8 },
+                outcome_text: Some(format!("export to {}: {state}", dest.name)),
+                entities: vec![crate::audit::Entity::Instance(row.sop_instance_uid.clone())],
+            };
+            if let Err(e) = self
+                .store
+                .audit(&event, &crate::audit::Actor::carina())
+                .await
+            {
+                tracing::warn!(error = %e, "cannot record an AuditEvent");
+            }
+        }
         match &error {
             None => tracing::info!(destination = %dest.name, "result exported"),
             Some(e) => {

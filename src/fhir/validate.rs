@@ -13,6 +13,7 @@ use super::FhirError;
 /// [`FhirError::Invalid`] (400) for bad JSON, a missing or unknown `resourceType`, or content the
 /// R4 model rejects; the message names the element path when fhirbolt gives one.
 pub fn parse_resource(body: &[u8]) -> Result<Value, FhirError> {
+    precheck_json(body)?;
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| FhirError::Invalid(format!("the body is not valid JSON: {e}")))?;
     check_resource(&value, "")?;

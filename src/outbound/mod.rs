@@ -51,8 +51,8 @@ pub enum OutboundError {
     #[error(transparent)]
     Guard(#[from] GuardError),
     /// No answer within the deadline.
-    #[error("{0}: no complete answer within {1} s")]
-    Timeout(String, u64),
+    #[error("{0}: no complete answer within {1} ms")]
+    Timeout(String, u128),
     /// The answer is larger than the cap.
     #[error("{0}: the answer is larger than {1} MiB")]
     TooLarge(String, usize),
@@ -297,7 +297,7 @@ impl Outbound {
         };
         tokio::time::timeout(deadline, exchange)
             .await
-            .map_err(|_| OutboundError::Timeout(shown.clone(), deadline.as_secs()))?
+            .map_err(|_| OutboundError::Timeout(shown.clone(), deadline.as_millis()))?
     }
 }
 

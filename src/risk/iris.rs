@@ -308,7 +308,8 @@ impl Iris {
                     ("authorization", &format!("Basic {auth}")),
                 ],
                 body.to_string(),
-                Duration::from_millis(self.settings.timeout_ms.max(1)),
+                // the call's own timeout (in `call`) answers first, with its message
+                Duration::from_millis(self.settings.timeout_ms.saturating_add(1000)),
             )
             .await
             .map_err(|e| match e {
