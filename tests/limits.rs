@@ -119,6 +119,30 @@ fn slow_clients_are_dropped_or_answered_408_and_in_flight_is_capped() {
     )
     .unwrap();
     let s = start_with(dir.path(), &[], Some(&config));
+    let base = peak_kib(s.child.id());
+    // 200 slowloris connections at once: at most 64 are taken in, each is dropped after its
+    // head deadline, and memory stays flat
+    let mut crowd: Vec<TcpStream> = (0..200)
+        .map(|_| {
+            let mut c = TcpStream::connect(s.http).unwrap();
+            let _ = c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ");
+            c
+        })
+        .collect();
+    let t = Instant::now();
+    for c in &mut crowd {
+        assert!(
+            read_until_closed(c, Duration::from_secs(30)).is_some(),
+            "every slow connection is dropped in turn"
+        );
+    }
+    let grew = peak_kib(s.child.id()).saturating_sub(base);
+    println!(
+        "200 slowloris connections dropped in {:.1} s; peak RSS grew by {} KiB",
+        t.elapsed().as_secs_f64(),
+        grew
+    );
+    assert!(grew < 32 * 1024, "peak memory grew by {grew} KiB");
     // slowloris: half a request head, then nothing: the connection is dropped
     let mut slow = TcpStream::connect(s.http).unwrap();
     slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
