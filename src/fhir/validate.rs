@@ -62,16 +62,22 @@ pub fn check_resource(value: &Value, path: &str) -> Result<(), FhirError> {
             )));
         }
     }
-    fhirbolt::json::from_json_value::<fhirbolt::model::r4::Resource>(value.clone(), None).map_err(
-        |e| {
-            let where_ = if path.is_empty() {
-                rt.to_string()
-            } else {
-                path.to_string()
-            };
-            FhirError::Invalid(format!("{where_}: not valid FHIR R4: {e}"))
-        },
-    )?;
+    let where_ = if path.is_empty() {
+        rt.to_string()
+    } else {
+        path.to_string()
+    };
+    // fhirbolt 0.4 panics on some malformed input (cargo fuzz found an unwrap in its element
+    // deserializer): a refusal, never a dead request
+    std::panic::catch_unwind(|| {
+        fhirbolt::json::from_json_value::<fhirbolt::model::r4::Resource>(value.clone(), None)
+    })
+    .map_err(|_| {
+        FhirError::Invalid(format!(
+            "{where_}: not valid FHIR R4: the R4 model cannot read it (check empty arrays and element names)"
+        ))
+    })?
+    .map_err(|e| FhirError::Invalid(format!("{where_}: not valid FHIR R4: {e}")))?;
     Ok(())
 }
 
@@ -193,6 +199,13 @@ pub fn precheck_json(body: &[u8]) -> Result<(), FhirError> {
 #[cfg(test)]
 mod precheck_tests {
     use super::*;
+
+    #[test]
+    fn the_fuzz_finding_is_a_400_not_a_panic() {
+        // tests/fixtures/fuzz/fhir-coding-panic.json: cargo fuzz (fhir_json) made fhirbolt panic
+        let body = include_bytes!("../../tests/fixtures/fuzz/fhir-coding-panic.json");
+        assert!(matches!(parse_resource(body), Err(FhirError::Invalid(_))));
+    }
 
     #[test]
     fn depth_arrays_and_values_are_bounded_before_parsing() {
