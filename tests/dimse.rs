@@ -438,3 +438,37 @@ async fn c_store_of_other_content_under_a_stored_uid_gets_0111() {
     assert_eq!(statuses, vec![json!(0), json!(0), json!(0x0111)], "{out:?}");
     assert_eq!(stored_count(&s).await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pdu_larger_than_max_pdu_aborts_the_association() {
+    let s = scp(
+        DicomSettings {
+            idle_timeout_secs: 60,
+            max_pdu: 65536,
+            ..DicomSettings::default()
+        },
+        0,
+    )
+    .await;
+    // one P-DATA-TF of ~200 KB (a data fragment, so the command-set cap is not what ends it)
+    let py = format!(
+        "from pynetdicom import AE\nfrom pynetdicom.pdu_primitives import P_DATA\nimport time\n\
+         ae=AE(ae_title='PACS')\nae.add_requested_context('1.2.840.10008.1.1')\n\
+         a=ae.associate('{}',{},ae_title='CARINA')\nassert a.is_established\n\
+         p=P_DATA(); p.presentation_data_value_list=[[1, b'\\x00' + b'\\0'*200000]]; a.dul.send_pdu(p)\n\
+         time.sleep(2)\nprint('aborted' if a.is_aborted or not a.is_established else 'alive')\n",
+        s.addr.ip(),
+        s.addr.port()
+    );
+    let out = run({
+        let mut c = Command::new(root().join(".venv/bin/python"));
+        c.args(["-c", &py]);
+        c
+    })
+    .await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "aborted",
+        "{out:?}"
+    );
+}
