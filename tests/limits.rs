@@ -338,9 +338,17 @@ fn a_fhir_flood_does_not_lock_dicom_intake_out() {
         .collect();
     let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": entries}).to_string();
     let fhir = [("Content-Type", "application/fhir+json")];
+    let base = peak_kib(s.child.id());
     let t = Instant::now();
     let a = request(s.http, "POST", "/fhir", &fhir, tx.as_bytes()).unwrap();
     assert_eq!(a.0, 200, "{}", text(&a));
+    let grew = peak_kib(s.child.id()).saturating_sub(base);
+    println!(
+        "{n} Patients ({} MiB of JSON): peak RSS grew by {} MiB",
+        tx.len() >> 20,
+        grew >> 10
+    );
+    assert!(grew < 256 * 1024, "peak memory grew by {} MiB", grew >> 10);
     println!(
         "transaction of {n} Patients stored in {:.1} s",
         t.elapsed().as_secs_f64()
