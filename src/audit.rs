@@ -221,6 +221,7 @@ pub struct AuditSettings {
 #[derive(Clone, Debug)]
 pub struct Syslog {
     tx: tokio::sync::mpsc::Sender<String>,
+    host: String,
 }
 
 impl Syslog {
@@ -249,14 +250,17 @@ impl Syslog {
                 }
             }
         });
-        Self { tx }
+        let host = std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "-".into());
+        Self { tx, host }
     }
 
     /// Queues one AuditEvent.
     pub fn send(&self, event: &Value) {
-        let host = std::fs::read_to_string("/etc/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_else(|_| "-".into());
+        let host = &self.host;
         let ts = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         // facility 10 (authpriv) × 8 + severity 5 (notice) = 85; MSGID IHE+RFC-3881 style
         let msg = format!(

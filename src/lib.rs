@@ -3,7 +3,6 @@
 //! - [`config`]: settings from defaults, `carina.toml`, `CARINA_*` and flags.
 //! - [`cli`]: the `carina serve | predict | models` commands.
 //! - [`app`]: state shared by HTTP handlers.
-//! - [`audit`]: the audit trail: AuditEvents (DICOM/IHE ATNA codes), stored with the change, syslog.
 //! - [`auth`]: the trust boundary: bearer JWTs from the configured issuer → SMART scopes.
 //! - [`api`]: HTTP routes (the `/v1` API, the 2020 demo's `/covid19` API, web page, docs).
 //! - [`pipeline`]: the image analysis use case (decode → infer → Grad-CAM → overlay → FHIR).
@@ -17,6 +16,8 @@
 //! - [`risk`]: lab Observations → features → ICU-risk prediction → RiskAssessment.
 //! - [`trigger`]: what a stored ImagingStudy starts: finding its pixels, analysing them.
 //! - [`worker`]: job workers: leased jobs from the database queue, retries, dead letters.
+//! - [`audit`]: the audit trail: AuditEvents (DICOM/IHE ATNA codes), the acting task's actor, syslog
+//!   (below the request handlers and the worker, beside the store that writes them with each change).
 //! - [`store`]: SQL (sqlx, SQLite or PostgreSQL) and blob files.
 //! - [`outbound`]: the one outbound HTTP client: allow-list, address guard, size caps, deadlines.
 //! - [`metrics`]: Prometheus metrics.

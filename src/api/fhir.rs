@@ -667,17 +667,22 @@ fn check_entries(access: &Access, bundle: &Value) -> Result<(), AuthError> {
 /// be the token's patient.
 fn predict_in_compartment(value: &Value, patient: &str) -> Result<(), AuthError> {
     let ok = match value["resourceType"].as_str() {
-        Some("Parameters") => value["parameter"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|p| p["name"] == "subject")
-            .all(|p| {
-                p["valueReference"]["reference"]
-                    .as_str()
-                    .map(crate::fhir::index::normalise_reference)
-                    == Some(format!("Patient/{patient}"))
-            }),
+        Some("Parameters") => {
+            let mut subjects = value["parameter"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| p["name"] == "subject")
+                .peekable();
+            // no subject at all is not "in the compartment"
+            subjects.peek().is_some()
+                && subjects.all(|p| {
+                    p["valueReference"]["reference"]
+                        .as_str()
+                        .map(crate::fhir::index::normalise_reference)
+                        == Some(format!("Patient/{patient}"))
+                })
+        }
         Some("Bundle") => value["entry"].as_array().into_iter().flatten().all(|e| {
             e["resource"]["resourceType"]
                 .as_str()
