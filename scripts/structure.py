@@ -36,9 +36,11 @@ def files() -> dict:
 
 
 def strip_tests(text: str) -> str:
-    """Drops `#[cfg(test)] mod tests { ... }` blocks (tests may reach anywhere)."""
+    """Drops `#[cfg(test)] mod tests { ... }` blocks (tests may reach anywhere) and comments
+    (a doc link is not a dependency)."""
     i = text.find("#[cfg(test)]")
-    return text if i < 0 else text[:i]
+    text = text if i < 0 else text[:i]
+    return "\n".join(re.sub(r"//.*$", "", line) for line in text.splitlines())
 
 
 def resolve(mods: dict, path: tuple):
@@ -145,7 +147,7 @@ def handlers() -> list:
 
 
 def wirings() -> list:
-    """Places outside main.rs/app.rs that assemble an AppState or call App::build."""
+    """Places outside app.rs that wire the app: assemble an AppState or call App::build."""
     pat = re.compile(r"AppState::(new|with_risk)\(|App::build\(")
     out = []
     for p in sorted(list(pathlib.Path("tests").rglob("*.rs")) + list(SRC.rglob("*.rs"))):

@@ -103,9 +103,9 @@ impl Default for JobsSettings {
 
 impl JobsSettings {
     /// Worker settings with a fresh lease owner name.
-    pub fn worker(&self) -> crate::worker::JobSettings {
-        crate::worker::JobSettings {
-            owner: crate::worker::default_owner(),
+    pub fn worker(&self) -> crate::jobs::JobSettings {
+        crate::jobs::JobSettings {
+            owner: crate::jobs::default_owner(),
             concurrency: self.workers,
             lease: std::time::Duration::from_secs(self.lease_secs.max(3)),
             poll: std::time::Duration::from_millis(500),
@@ -386,6 +386,27 @@ impl Settings {
     /// Body limit in bytes.
     pub fn max_body_bytes(&self) -> usize {
         self.max_body_mb.saturating_mul(1024 * 1024)
+    }
+
+    /// The DIMSE SCP's options (instances up to the body limit).
+    pub fn scp_options(&self) -> crate::ingest::dimse::ScpOptions {
+        self.dicom.scp_options(self.max_body_bytes())
+    }
+}
+
+impl DicomSettings {
+    /// The DIMSE SCP's options, accepting instances up to `max_instance` bytes.
+    pub fn scp_options(&self, max_instance: usize) -> crate::ingest::dimse::ScpOptions {
+        crate::ingest::dimse::ScpOptions {
+            ae_title: self.ae_title.clone(),
+            check_called_ae: self.check_called_ae,
+            allowed_calling_aes: self.allowed_calling_aes.clone(),
+            max_associations: self.max_associations,
+            max_pdu: self.max_pdu,
+            idle_timeout: std::time::Duration::from_secs(self.idle_timeout_secs.max(1)),
+            transfer_syntaxes: self.transfer_syntaxes.clone(),
+            max_instance,
+        }
     }
 }
 

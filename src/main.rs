@@ -1,4 +1,6 @@
-//! `carina`: settings → telemetry → models and store → HTTP server (or an offline command).
+//! `carina`: settings → telemetry → models → [`App::build`] → run: the HTTP server, the DIMSE
+//! listener, the job workers and the export queue, stopped by one shutdown signal (or an
+//! offline command).
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -7,15 +9,10 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 use carina::api;
-use carina::app::AppState;
-use carina::auth::{AuthMode, Authorizer};
+use carina::app::App;
 use carina::cli::{self, Cli, Command, Common};
-use carina::dicom::dimse;
-use carina::dicom::export::Exporter;
 use carina::inference::Registry;
-use carina::ingest::Ingest;
-use carina::outbound::Outbound;
-use carina::store::Store;
+use carina::ingest::dimse;
 
 fn main() -> ExitCode {
     // JSON lines by default (CARINA_LOG_FORMAT=text for people); spans carry request and job
@@ -64,73 +61,23 @@ fn serve(common: &Common) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let store = Store::connect(settings.database_url.as_deref(), &settings.data_dir).await?;
         if let Some(addr) = &settings.audit.syslog {
             carina::audit::set_feed(carina::audit::Syslog::start(addr.clone()));
             tracing::info!("audit events are also sent to the syslog collector");
         }
-        // the one outbound client: the destinations this configuration names are allowed
-        let configured: Vec<String> = settings
-            .dicom
-            .destinations
-            .iter()
-            .filter_map(|d| d.url.clone())
-            .chain(settings.risk.iris.iter().map(|i| i.url.clone()))
-            .collect();
-        let outbound = Outbound::new(&settings.outbound, &configured).map_err(anyhow::Error::msg)?;
-        let auth = match settings.auth.effective_mode() {
-            AuthMode::Smart => {
-                let fhir_base = settings
-                    .public_url
-                    .as_deref()
-                    .map(|u| format!("{}/fhir", u.trim_end_matches('/')));
-                Some(Arc::new(
-                    Authorizer::new(&settings.auth, fhir_base.as_deref(), outbound.clone())
-                        .map_err(anyhow::Error::msg)?,
-                ))
-            }
-            AuthMode::None => None,
-        };
-        tracing::info!(database = ?store.dialect(), "store open");
-        let exporter = Exporter::new(
-            store.clone(),
-            settings.dicom.destinations.clone(),
-            settings.dicom.ae_title.clone(),
-        );
-        let ingest = Ingest::new(
-            store.clone(),
-            models.clone(),
-            settings.dicom.routes.clone(),
-            settings.dicom.min_free_mb,
-            settings.public_url.clone(),
-        )
-        .with_exporter(exporter.clone())
-        .with_jobs(settings.jobs.worker(), settings.jobs.max_backlog);
-        let state = AppState::with_risk(
-            models,
-            store,
-            settings.public_url.clone(),
-            settings.max_body_bytes(),
-            ingest.clone(),
-            &settings.risk,
-        )
-        .map_err(anyhow::Error::msg)?
-        .with_sync_wait(std::time::Duration::from_secs(settings.fhir_sync_wait_secs))
-        .with_outbound(outbound.clone(), settings.allowed_hosts.clone())
-        .with_fhir_limit(settings.fhir_max_body_mb.saturating_mul(1 << 20))
-        .with_auth(auth.clone());
-        if let Some(a) = &auth {
-            a.warm().await;
-        }
+        let App { state, exporter } = App::build(&settings, models).await?;
+        tracing::info!(database = ?state.store.dialect(), "store open");
+        let ingest = state.ingest.clone();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = |rx: tokio::sync::watch::Receiver<bool>| async move {
             let mut rx = rx;
             let _ = rx.wait_for(|v| *v).await;
         };
-        let grace = ingest.job_settings().grace + std::time::Duration::from_secs(5);
+        let jobs = state.jobs.settings();
+        let grace = jobs.grace + std::time::Duration::from_secs(5);
         let worker = {
-            let w = state.worker();
-            tracing::info!(owner = %ingest.job_settings().owner, workers = ingest.job_settings().concurrency, "job workers started");
+            let w = state.jobs.worker();
+            tracing::info!(owner = %jobs.owner, workers = jobs.concurrency, "job workers started");
             tokio::spawn(w.run(stop_rx.clone()))
         };
         tokio::spawn(exporter.run(stopped(stop_rx.clone())));
@@ -139,9 +86,8 @@ fn serve(common: &Common) -> anyhow::Result<()> {
             tracing::info!(addr = %listener.local_addr()?, ae_title = %settings.dicom.ae_title, "DIMSE SCP listening");
             tokio::spawn(dimse::serve(
                 listener,
-                settings.dicom.clone(),
+                settings.scp_options(),
                 ingest,
-                settings.max_body_bytes(),
                 stopped(stop_rx.clone()),
             ));
         }

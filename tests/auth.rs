@@ -11,7 +11,6 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 
 use serde_json::{json, Value};
 
@@ -130,25 +129,16 @@ impl Carina {
 /// Carina with authorization on, its audience `{public_url}/fhir`.
 async fn carina(listener: tokio::net::TcpListener, issuer: &str) -> Carina {
     let addr = listener.local_addr().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let store = common::store(dir.path()).await;
-    let models = common::registry_async().await;
-    let ingest = carina::ingest::Ingest::new(store.clone(), models.clone(), Vec::new(), 0, None);
     let public = format!("http://{addr}");
-    let settings = carina::auth::AuthSettings {
-        issuer: Some(issuer.to_string()),
-        ..carina::auth::AuthSettings::default()
-    };
-    let outbound = carina::outbound::Outbound::with_configured(&[]).unwrap();
-    let auth =
-        carina::auth::Authorizer::new(&settings, Some(&format!("{public}/fhir")), outbound.clone())
-            .unwrap();
-    auth.warm().await;
-    let state = carina::app::AppState::new(models, store, Some(public), 64 << 20, ingest)
-        .unwrap()
-        .with_outbound(outbound, Vec::new())
-        .with_auth(Some(Arc::new(auth)));
-    let router = carina::api::router(state);
+    let t = common::TestApp::builder()
+        .configure(|s| {
+            s.public_url = Some(public);
+            s.auth.issuer = Some(issuer.to_string());
+            s.allowed_hosts = Vec::new();
+        })
+        .build()
+        .await;
+    let (router, dir) = (t.router, t.dir);
     let task = tokio::spawn(async move {
         axum::serve(listener, router).await.unwrap();
     });

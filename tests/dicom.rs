@@ -330,8 +330,8 @@ async fn wait_state(app: &Router, sop: &str) -> Value {
 
 #[tokio::test]
 async fn stored_instances_are_analysed_once_with_a_secondary_capture_in_the_study() {
-    let (app, _dir, ingest) = app_with_ingest(64 * MB).await;
-    let worker = tokio::spawn(ingest.clone().run_worker(std::future::pending()));
+    let t = common::test_app(64 * MB).await;
+    let (app, ingest) = (t.router.clone(), t.ingest());
     let (study, _, sop) = uids(COVID);
     for _ in 0..2 {
         // the re-send is acknowledged and changes nothing
@@ -349,6 +349,9 @@ async fn stored_instances_are_analysed_once_with_a_secondary_capture_in_the_stud
         .await;
         assert_eq!(s, StatusCode::OK);
     }
+    // one analysis job: the CT and the RT Dose are stored as skipped by routing, the re-send
+    // queues nothing, and the Secondary Capture result is not analysed again
+    assert_eq!(t.run_jobs().await, 1);
     let st = wait_state(&app, &sop).await;
     assert_eq!(st["analysis_state"], "done", "{st}");
     let result_url = st["result_url"].as_str().unwrap().to_string();
@@ -441,7 +444,6 @@ async fn stored_instances_are_analysed_once_with_a_secondary_capture_in_the_stud
         json(&b).as_array().unwrap().len(),
         all.as_array().unwrap().len()
     );
-    worker.abort();
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::process::Command;
 
 use carina::config::DicomSettings;
-use carina::dicom::dimse;
+use carina::ingest::dimse;
 use carina::ingest::Ingest;
 use serde_json::{json, Value};
 
@@ -41,9 +41,8 @@ async fn scp_with_limit(settings: DicomSettings, min_free_mb: u64, max_instance:
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(dimse::serve(
         listener,
-        settings,
+        settings.scp_options(max_instance),
         ingest.clone(),
-        max_instance,
         std::future::pending(),
     ));
     Scp {

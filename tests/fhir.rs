@@ -46,20 +46,23 @@ async fn app_full(
     risk: &carina::risk::RiskSettings,
     wait: std::time::Duration,
 ) -> (Router, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = common::store(dir.path()).await;
     let models = tokio::task::spawn_blocking(shipped).await.unwrap();
-    let ingest = carina::ingest::Ingest::new(store.clone(), models.clone(), Vec::new(), 0, None);
-    let state = carina::app::AppState::with_risk(models, store, None, max_body, ingest, risk)
-        .unwrap()
-        .with_sync_wait(wait)
-        .with_outbound(
-            carina::outbound::Outbound::with_configured(&[]).unwrap(),
-            vec!["carina.test".into()],
-        );
-    assert!(state.risk.is_some(), "the shipped tabular model is loaded");
-    tokio::spawn(state.worker().run_until(std::future::pending()));
-    (carina::api::router(state), dir)
+    let risk = risk.clone();
+    let t = common::TestApp::builder()
+        .with_models(models)
+        .max_body(max_body)
+        .configure(|s| {
+            s.risk = risk;
+            s.fhir_sync_wait_secs = wait.as_secs();
+        })
+        .build()
+        .await;
+    assert!(
+        t.state().risk.is_some(),
+        "the shipped tabular model is loaded"
+    );
+    t.spawn_workers();
+    (t.router, t.dir)
 }
 
 async fn send(app: &Router, req: Request<Body>) -> (StatusCode, HeaderMap, Value) {
@@ -1121,18 +1124,17 @@ async fn imaging_study_endpoints_outside_the_allow_list_are_never_fetched() {
         ],
         ..Default::default()
     };
-    let dir = tempfile::tempdir().unwrap();
-    let store = common::store(dir.path()).await;
     let models = tokio::task::spawn_blocking(shipped).await.unwrap();
-    let ingest = carina::ingest::Ingest::new(store.clone(), models.clone(), Vec::new(), 0, None);
-    let state = carina::app::AppState::new(models, store, None, 64 << 20, ingest)
-        .unwrap()
-        .with_outbound(
-            carina::outbound::Outbound::new(&settings, &[]).unwrap(),
-            Vec::new(),
-        );
-    tokio::spawn(state.worker().run_until(std::future::pending()));
-    let app = carina::api::router(state);
+    let t = common::TestApp::builder()
+        .with_models(models)
+        .configure(|s| {
+            s.outbound = settings;
+            s.allowed_hosts = Vec::new();
+        })
+        .build()
+        .await;
+    t.spawn_workers();
+    let app = t.router.clone();
     let study = |address: &str, uid: &str| {
         json!({"resourceType": "Bundle", "type": "transaction", "entry": [
             {"fullUrl": "urn:uuid:00000000-0000-4000-8000-00000000f001", "request": {"method": "POST", "url": "Endpoint"},

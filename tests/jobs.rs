@@ -1,6 +1,7 @@
 //! The durable job queue, on the test database (SQLite, or PostgreSQL when
 //! CARINA_TEST_DATABASE_URL is set): leases, expiry, retries with backoff, dead letters,
-//! de-duplication, concurrent claims, and the `/v1/jobs` API.
+//! de-duplication, concurrent claims, and the `/v1/jobs` API. Time moves by the queue's
+//! injectable clock: no test sleeps through a lease or a backoff.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -10,13 +11,13 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use carina::store::{JobState, NewJob, Store};
+use carina::store::{Clock, JobKind, JobState, NewJob, Store};
 use http_body_util::BodyExt;
 use tower::ServiceExt;
 
 fn job(subject: &str, dedupe: Option<&str>, max_attempts: i64) -> NewJob {
     NewJob {
-        kind: "test".into(),
+        kind: JobKind::Risk,
         subject: subject.into(),
         payload: serde_json::json!({"n": subject}),
         dedupe: dedupe.map(str::to_string),
@@ -25,13 +26,20 @@ fn job(subject: &str, dedupe: Option<&str>, max_attempts: i64) -> NewJob {
 }
 
 async fn fresh() -> (Store, tempfile::TempDir) {
+    let (store, _, dir) = fresh_with_clock().await;
+    (store, dir)
+}
+
+async fn fresh_with_clock() -> (Store, Clock, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    (common::store(dir.path()).await, dir)
+    let clock = Clock::default();
+    let store = common::store(dir.path()).await.with_clock(clock.clone());
+    (store, clock, dir)
 }
 
 #[tokio::test]
 async fn lease_expiry_retry_backoff_and_dead_letter() {
-    let (store, _d) = fresh().await;
+    let (store, clock, _d) = fresh_with_clock().await;
     let id = store
         .enqueue(&job("a", Some("k:a"), 2))
         .await
@@ -43,14 +51,14 @@ async fn lease_expiry_retry_backoff_and_dead_letter() {
         None
     );
 
-    let lease = Duration::from_millis(300);
+    let lease = Duration::from_secs(60);
     let got = store.claim_jobs("w1", 10, lease).await.unwrap();
     assert_eq!(got.len(), 1);
     assert_eq!((got[0].id.as_str(), got[0].attempts), (id.as_str(), 1));
     // leased: nobody else gets it
     assert!(store.claim_jobs("w2", 10, lease).await.unwrap().is_empty());
     // the lease expires (w1 "crashed"): w2 takes it over, and w1 can no longer finish it
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    clock.advance(Duration::from_secs(61));
     let got = store.claim_jobs("w2", 10, lease).await.unwrap();
     assert_eq!((got.len(), got[0].attempts), (1, 2));
     assert!(!store
@@ -74,15 +82,16 @@ async fn lease_expiry_retry_backoff_and_dead_letter() {
     let got = store.claim_jobs("w1", 10, lease).await.unwrap();
     assert_eq!(got[0].id, id2);
     let st = store
-        .fail_job(&id2, "w1", "flaky", true, Duration::from_millis(500))
+        .fail_job(&id2, "w1", "flaky", true, Duration::from_secs(30))
         .await
         .unwrap();
     assert_eq!(st, Some(JobState::Queued));
+    clock.advance(Duration::from_secs(29));
     assert!(
         store.claim_jobs("w1", 10, lease).await.unwrap().is_empty(),
         "backoff"
     );
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    clock.advance(Duration::from_secs(2));
     let got = store.claim_jobs("w1", 10, lease).await.unwrap();
     assert_eq!((got.len(), got[0].attempts), (1, 2));
     assert!(store
@@ -90,7 +99,7 @@ async fn lease_expiry_retry_backoff_and_dead_letter() {
         .await
         .unwrap());
     let j = store.job(&id2).await.unwrap().unwrap();
-    assert_eq!(j.state, "done");
+    assert_eq!(j.state, JobState::Done);
     assert_eq!(j.result, Some(serde_json::json!({"ok": 1})));
 
     // a fatal failure is dead at once; a released job is queued again, its attempt not counted
@@ -98,7 +107,7 @@ async fn lease_expiry_retry_backoff_and_dead_letter() {
     store.claim_jobs("w1", 10, lease).await.unwrap();
     assert!(store.release_job(&id3, "w1").await.unwrap());
     let j = store.job(&id3).await.unwrap().unwrap();
-    assert_eq!((j.state.as_str(), j.attempts), ("queued", 0));
+    assert_eq!((j.state, j.attempts), (JobState::Queued, 0));
     store.claim_jobs("w1", 10, lease).await.unwrap();
     let st = store
         .fail_job(&id3, "w1", "bad input", false, Duration::from_millis(10))
@@ -109,14 +118,14 @@ async fn lease_expiry_retry_backoff_and_dead_letter() {
     // a job whose worker died on its last allowed attempt becomes dead, not claimable forever
     let id4 = store.enqueue(&job("d", None, 1)).await.unwrap().unwrap();
     store.claim_jobs("w1", 10, lease).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    clock.advance(Duration::from_secs(61));
     assert!(store.claim_jobs("w2", 10, lease).await.unwrap().is_empty());
     let j = store.job(&id4).await.unwrap().unwrap();
-    assert_eq!(j.state, "dead");
+    assert_eq!(j.state, JobState::Dead);
     assert!(j.last_error.unwrap().contains("lease expired"));
 
     // pruning removes finished jobs older than the cutoff, never dead ones
-    let future = chrono::Utc::now() + chrono::Duration::seconds(5);
+    let future = clock.now() + chrono::Duration::seconds(5);
     assert_eq!(
         store
             .prune_jobs(chrono::Utc::now() - chrono::Duration::days(1))
@@ -138,7 +147,7 @@ async fn lease_expiry_retry_backoff_and_dead_letter() {
     let counts = store.job_counts().await.unwrap();
     let dead = counts
         .iter()
-        .find(|(k, s, _)| k == "test" && s == "dead")
+        .find(|(k, s, _)| k == "risk" && s == "dead")
         .map(|c| c.2);
     assert_eq!(dead, Some(3));
 }
@@ -186,7 +195,7 @@ async fn concurrent_workers_claim_each_job_once() {
     assert_eq!(all.len(), n, "every job claimed");
     assert_eq!(unique.len(), n, "no job claimed twice");
     let done = store
-        .jobs(Some(JobState::Done), Some("test"), None, 1000, 0)
+        .jobs(Some(JobState::Done), Some(JobKind::Risk), None, 1000, 0)
         .await
         .unwrap();
     assert_eq!(done.len(), n);
@@ -218,7 +227,7 @@ async fn jobs_api_lists_by_state_and_shows_one() {
     assert_eq!(s, StatusCode::OK);
     assert_eq!(
         (v["state"].as_str(), v["kind"].as_str()),
-        (Some("queued"), Some("test"))
+        (Some("queued"), Some("risk"))
     );
     let (s, v) = get("/v1/jobs?state=queued".into()).await;
     assert_eq!(s, StatusCode::OK);
@@ -232,6 +241,10 @@ async fn jobs_api_lists_by_state_and_shows_one() {
     let (s, v) = get("/v1/jobs?state=nonsense".into()).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert_eq!(v["resourceType"], "OperationOutcome");
+    let (_, v) = get("/v1/jobs?kind=risk".into()).await;
+    assert_eq!(v["jobs"].as_array().unwrap().len(), 1);
+    let (s, _) = get("/v1/jobs?kind=test".into()).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "an unknown kind");
     let (s, _) = get("/v1/jobs/no-such-job".into()).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     // an analysis, so inference and Grad-CAM are measured
@@ -256,7 +269,7 @@ async fn jobs_api_lists_by_state_and_shows_one() {
     let text =
         String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
     assert!(
-        text.contains("carina_jobs{kind=\"test\",state=\"queued\"} 1"),
+        text.contains("carina_jobs{kind=\"risk\",state=\"queued\"} 1"),
         "{text}"
     );
     assert!(
@@ -291,33 +304,25 @@ async fn an_attempt_past_its_deadline_is_retried_and_pending_keys_allow_one_queu
         .is_none());
     // ... and once the worker has claimed it, a new write queues the next run. The handler
     // hangs: the attempt ends at the deadline and goes back to the queue with the reason.
-    let hang: carina::worker::Handler = std::sync::Arc::new(|_job| {
+    let hang: carina::jobs::Handler = std::sync::Arc::new(|_job| {
         Box::pin(async {
             std::future::pending::<()>().await;
             Ok(serde_json::json!({}))
         })
     });
-    let settings = carina::worker::JobSettings {
+    let settings = carina::jobs::JobSettings {
         deadline: Duration::from_secs(1),
         backoff: Duration::from_secs(3600),
         concurrency: 1,
-        ..carina::worker::JobSettings::default()
+        ..carina::jobs::JobSettings::default()
     };
     let wake = std::sync::Arc::new(tokio::sync::Notify::new());
-    let worker = carina::worker::Worker::new(store.clone(), settings, hang, wake);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let task = tokio::spawn(worker.run(stop_rx));
+    let worker = carina::jobs::Worker::new(store.clone(), settings, hang, wake);
+    // one attempt, ended by its deadline; its retry waits out the backoff
+    assert_eq!(worker.run_until_idle().await, 1);
     let id = first.unwrap();
-    let mut last = None;
-    for _ in 0..100 {
-        let j = store.job(&id).await.unwrap().unwrap();
-        if j.state == "queued" && j.attempts == 1 {
-            last = Some(j);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let j = last.expect("the hung attempt was ended by its deadline");
+    let j = store.job(&id).await.unwrap().unwrap();
+    assert_eq!((j.state, j.attempts), (JobState::Queued, 1));
     assert!(j.last_error.unwrap().contains("deadline"));
     assert!(
         store
@@ -327,6 +332,4 @@ async fn an_attempt_past_its_deadline_is_retried_and_pending_keys_allow_one_queu
             .is_some(),
         "the claimed job no longer holds the pending key"
     );
-    let _ = stop_tx.send(true);
-    task.abort();
 }

@@ -12,13 +12,12 @@ use carina::outbound::AllowEntry;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use carina::config::DicomSettings;
-use carina::dicom::dimse;
-use carina::dicom::export::{Destination, DestinationKind, Exporter};
+use carina::dicom::export::{Destination, DestinationKind};
+use carina::ingest::dimse;
 use carina::ingest::Ingest;
 use carina::store::Source;
 
-use common::{registry_async, root};
+use common::root;
 
 struct Node {
     http: SocketAddr,
@@ -39,37 +38,31 @@ impl Drop for Node {
 
 /// A whole Carina node on loopback ports: HTTP, DIMSE, analysis worker, exporter.
 async fn node(destinations: Vec<Destination>) -> Node {
-    let dir = tempfile::tempdir().unwrap();
-    let store = common::store(dir.path()).await;
-    let models = registry_async().await;
-    let exporter = Exporter::new(store.clone(), destinations, "CARINA".into());
-    let ingest = Ingest::new(store.clone(), models.clone(), Vec::new(), 0, None)
-        .with_exporter(exporter.clone());
-    let state = carina::app::AppState::new(models, store, None, 64 << 20, ingest.clone()).unwrap();
-    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let t = common::TestApp::builder()
+        .configure(|s| s.dicom.destinations = destinations)
+        .build()
+        .await;
     let dimse_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (http_addr, dimse_addr) = (http.local_addr().unwrap(), dimse_l.local_addr().unwrap());
-    let router = carina::api::router(state.clone());
+    let dimse_addr = dimse_l.local_addr().unwrap();
+    let (http_addr, http) = t.serve_http().await;
+    let ingest = t.ingest();
     let tasks = vec![
-        tokio::spawn(async move {
-            axum::serve(http, router).await.unwrap();
-        }),
+        http,
         tokio::spawn(dimse::serve(
             dimse_l,
-            DicomSettings::default(),
+            t.settings.dicom.scp_options(64 << 20),
             ingest.clone(),
-            64 << 20,
             std::future::pending(),
         )),
-        tokio::spawn(state.worker().run_until(std::future::pending())),
-        tokio::spawn(exporter.run(std::future::pending())),
+        t.spawn_workers(),
+        tokio::spawn(t.app.exporter.clone().run(std::future::pending())),
     ];
     Node {
         http: http_addr,
         dimse: dimse_addr,
         ingest,
-        outbound: state.outbound.clone(),
-        _dir: dir,
+        outbound: t.state().outbound.clone(),
+        _dir: t.dir,
         tasks,
     }
 }
@@ -522,11 +515,17 @@ async fn imaging_study_pixels_come_from_orthanc_by_wado_rs() {
     let jobs = n
         .ingest
         .store()
-        .jobs(None, Some("analyse"), Some(sop), 10, 0)
+        .jobs(
+            None,
+            Some(carina::store::JobKind::Analyse),
+            Some(sop),
+            10,
+            0,
+        )
         .await
         .unwrap();
     assert_eq!(jobs.len(), 1);
-    assert_eq!(jobs[0].state, "done", "{jobs:?}");
+    assert_eq!(jobs[0].state, carina::store::JobState::Done, "{jobs:?}");
     // the report references the ImagingStudy and its subject, and is searchable
     let resp: serde_json::Value = serde_json::from_str(&body).unwrap();
     let study_loc = resp["entry"][2]["response"]["location"].as_str().unwrap();

@@ -72,8 +72,8 @@ pub async fn analyze(
         // with the chosen model, Secondary Capture result stored with it.
         let accepted = state.ingest.receive_claimed(body, Source::Api).await?;
         state
-            .ingest
-            .process_claimed(&accepted, Some(&model.manifest.name))
+            .jobs
+            .analyse_claimed(&accepted, Some(&model.manifest.name))
             .await?
     } else {
         let a = pipeline::analyse(model, body, media, move |id| {

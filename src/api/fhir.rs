@@ -73,14 +73,14 @@ fn prefer_all(headers: &HeaderMap) -> (Return, bool, bool) {
 async fn start_async(
     state: &AppState,
     base: &str,
-    written: Vec<Stored>,
+    jobs: &[String],
     status: StatusCode,
     location: Option<String>,
     body: &Value,
 ) -> Result<Response, ApiError> {
     let id = uuid::Uuid::new_v4().to_string();
     // the jobs were enqueued with the resources: the status follows them, across restarts
-    let jobs = state.triggered_jobs(&written).await?;
+    state.jobs.wake();
     state
         .store
         .async_start(
@@ -88,7 +88,7 @@ async fn start_async(
             i64::from(status.as_u16()),
             location.as_deref(),
             body,
-            &jobs,
+            jobs,
         )
         .await?;
     let mut r = fhir_json(
@@ -127,7 +127,7 @@ pub async fn async_status(
             for j in &job.jobs {
                 jobs.extend(state.store.job(j).await?);
             }
-            let finished = jobs.iter().filter(|j| crate::app::job_finished(j)).count();
+            let finished = jobs.iter().filter(|j| crate::jobs::finished(j)).count();
             if finished < jobs.len() {
                 let mut r = StatusCode::ACCEPTED.into_response();
                 let progress = format!("analysing: {finished} of {} jobs finished", jobs.len());
@@ -136,7 +136,7 @@ pub async fn async_status(
                 }
                 return Ok(r);
             }
-            let t = crate::app::summarise(&jobs, std::time::Duration::ZERO);
+            let t = crate::jobs::summarise(&jobs, std::time::Duration::ZERO);
             state.store.async_finish(&id, &t.reports, &t.notes).await?;
             (job.reports, job.notes) = (t.reports, t.notes);
         }
@@ -299,7 +299,7 @@ fn version_headers(r: &mut Response, s: &Stored) {
 
 /// Links the DiagnosticReports an ImagingStudy produced (`Link: <…>; rel="related"`), and
 /// says why there is none (`X-Carina-Analysis`).
-fn trigger_headers(r: &mut Response, t: &crate::app::Triggered, base: &str) {
+fn trigger_headers(r: &mut Response, t: &crate::jobs::Triggered, base: &str) {
     for report in &t.reports {
         if let Ok(v) = HeaderValue::from_str(&format!("<{base}/{report}>; rel=\"related\"")) {
             r.headers_mut().append(header::LINK, v);
@@ -357,20 +357,22 @@ pub async fn post_bundle(
     accepting(&state).await?;
     let (ret, _, respond_async) = prefer_all(&headers);
     let base = fhir_base(&state, &headers);
-    let result = bundle::post(&state.store, value, &base, ret == Return::Representation).await?;
+    let plan = |w: &[Stored]| state.jobs.plan(w);
+    let full = ret == Return::Representation;
+    let result = bundle::post(&state.store, &plan, value, &base, full).await?;
     if respond_async {
         let status = StatusCode::from_u16(result.status).unwrap_or(StatusCode::OK);
         return start_async(
             &state,
             &base,
-            result.written,
+            &result.jobs,
             status,
             result.location,
             &result.body,
         )
         .await;
     }
-    let triggered = state.fhir_written(&result.written).await;
+    let triggered = state.jobs.wait(&result.jobs, state.sync_wait).await;
     let status = StatusCode::from_u16(result.status).unwrap_or(StatusCode::OK);
     let mut r = if status == StatusCode::CREATED && ret == Return::Minimal {
         status.into_response()
@@ -401,7 +403,8 @@ pub async fn create(
     let (ret, _) = prefer(&headers);
     let base = fhir_base(&state, &headers);
     // a Bundle POSTed to /fhir/Bundle is stored as it is, whatever its type
-    let stored = rest::create(&state.store, &resource_type, value).await?;
+    let plan = |w: &[Stored]| state.jobs.plan(w);
+    let (stored, jobs) = rest::create(&state.store, &plan, &resource_type, value).await?;
     if prefer_all(&headers).2 {
         let location = format!(
             "{base}/{}/{}/_history/{}",
@@ -411,14 +414,14 @@ pub async fn create(
         return start_async(
             &state,
             &base,
-            vec![stored],
+            &jobs,
             StatusCode::CREATED,
             Some(location),
             &body,
         )
         .await;
     }
-    let triggered = state.fhir_written(std::slice::from_ref(&stored)).await;
+    let triggered = state.jobs.wait(&jobs, state.sync_wait).await;
     let mut r = written(&stored, &base, ret);
     trigger_headers(&mut r, &triggered, &base);
     Ok(r)
@@ -458,8 +461,10 @@ pub async fn update(
         })?),
     };
     let base = fhir_base(&state, &headers);
-    let stored = rest::update(&state.store, &resource_type, &id, value, if_match).await?;
-    let triggered = state.fhir_written(std::slice::from_ref(&stored)).await;
+    let plan = |w: &[Stored]| state.jobs.plan(w);
+    let (stored, jobs) =
+        rest::update(&state.store, &plan, &resource_type, &id, value, if_match).await?;
+    let triggered = state.jobs.wait(&jobs, state.sync_wait).await;
     let mut r = written(&stored, &base, ret);
     trigger_headers(&mut r, &triggered, &base);
     Ok(r)
@@ -547,7 +552,8 @@ pub async fn operation(
             predict_in_compartment(&value, &p)?;
         }
         let base = fhir_base(&state, &headers);
-        let out = crate::risk::predict_operation(&state, value, &base).await?;
+        let out = crate::risk::predict_operation(state.risk.as_deref(), &state.store, value, &base)
+            .await?;
         return Ok(fhir_json(StatusCode::OK, &out));
     }
     Err(FhirError::NotSupported(format!(

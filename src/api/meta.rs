@@ -43,7 +43,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
             "status": if ready { "ready" } else { "not ready" },
             "checks": checks,
             "models": models,
-            "node": state.ingest.job_settings().owner,
+            "node": state.jobs.settings().owner,
         })),
     )
         .into_response()

@@ -15,24 +15,36 @@ use tracing::Instrument;
 use super::error::ApiError;
 use crate::app::AppState;
 use crate::metrics;
-use crate::store::JobState;
+use crate::store::{JobKind, JobState};
+
+/// Query parameter `name` parsed by `parse`, when given; 400 naming the `known` values else.
+fn one_of<T>(
+    q: &HashMap<String, String>,
+    name: &str,
+    parse: impl Fn(&str) -> Option<T>,
+    known: &str,
+) -> Result<Option<T>, ApiError> {
+    q.get(name)
+        .map(|v| {
+            parse(v).ok_or_else(|| {
+                let m = format!("unknown {name} '{v}' ({known})");
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid", m)
+            })
+        })
+        .transpose()
+}
 
 /// `GET /v1/jobs?state=&kind=&subject=&_count=&offset=`: jobs, newest first.
 ///
 /// # Errors
-/// 400 for an unknown state or a bad number; 503 when the database is down.
+/// 400 for an unknown state or kind, or a bad number; 503 when the database is down.
 pub async fn list(
     State(state): State<AppState>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid", m);
-    let job_state = q
-        .get("state")
-        .map(|s| {
-            JobState::parse(s)
-                .ok_or_else(|| bad(format!("unknown state '{s}' (queued, running, done, dead)")))
-        })
-        .transpose()?;
+    let job_state = one_of(&q, "state", JobState::parse, "queued, running, done, dead")?;
+    let kind = one_of(&q, "kind", JobKind::parse, "analyse, imaging-study, risk")?;
     let number = |k: &str, default: i64, max: i64| -> Result<i64, ApiError> {
         q.get(k).map_or(Ok(default), |v| {
             v.parse::<i64>()
@@ -46,7 +58,7 @@ pub async fn list(
         .store
         .jobs(
             job_state,
-            q.get("kind").map(String::as_str),
+            kind,
             q.get("subject").map(String::as_str),
             count,
             offset,

@@ -9,13 +9,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use chrono::Utc;
 use dicom_ul::association::client::ClientAssociationOptions;
-use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason};
+use dicom_ul::pdu::{PDataValueType, PresentationContextResultReason};
 use dicom_ul::Pdu;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
 
-use super::dimse::{command_set, Command};
+use super::dimse::{command_pdu, command_set, Command};
 use super::status;
 use crate::outbound::Outbound;
 use crate::store::{ExportRow, Store};
@@ -319,14 +319,7 @@ async fn c_store(
     };
     let cmd = command_set(0x0001, 1, sop_class, Some(sop_instance), None, true);
     assoc
-        .send(&Pdu::PData {
-            data: vec![PDataValue {
-                presentation_context_id: pc,
-                value_type: PDataValueType::Command,
-                is_last: true,
-                data: cmd,
-            }],
-        })
+        .send(&command_pdu(pc, cmd))
         .await
         .map_err(|e| transient(e.to_string()))?;
     {

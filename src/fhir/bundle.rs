@@ -11,7 +11,7 @@ use super::rest::{self, references};
 use super::search;
 use super::validate::{check_resource, valid_id};
 use super::FhirError;
-use crate::store::fhir::{Stored, Write};
+use crate::store::fhir::{Plan as JobPlan, Stored, Write};
 use crate::store::Store;
 
 /// The result of a Bundle POST.
@@ -22,8 +22,10 @@ pub struct BundleResult {
     pub body: Value,
     /// `Location` for a stored Bundle.
     pub location: Option<String>,
-    /// Every resource written (for triggers: imaging, risk).
+    /// Every resource written.
     pub written: Vec<Stored>,
+    /// The jobs the writes started (imaging, risk).
+    pub jobs: Vec<String>,
 }
 
 /// One planned write or read of a transaction/batch entry.
@@ -40,6 +42,7 @@ enum Plan {
 /// [`FhirError`]: for a transaction, the first failing entry fails the whole request.
 pub async fn post(
     store: &Store,
+    jobs: JobPlan<'_>,
     body: Value,
     base: &str,
     full: bool,
@@ -52,10 +55,10 @@ pub async fn post(
     // transaction and batch entries are validated one by one (with their path); other
     // Bundles as a whole when they are stored
     match body.get("type").and_then(Value::as_str).unwrap_or("") {
-        "transaction" => transaction(store, &body, base, full).await,
-        "batch" => batch(store, &body, base, full).await,
+        "transaction" => transaction(store, jobs, &body, base, full).await,
+        "batch" => batch(store, jobs, &body, base, full).await,
         _ => {
-            let stored = rest::create(store, "Bundle", body).await?;
+            let (stored, jobs) = rest::create(store, jobs, "Bundle", body).await?;
             Ok(BundleResult {
                 status: 201,
                 location: Some(format!(
@@ -64,6 +67,7 @@ pub async fn post(
                 )),
                 body: stored.body.clone(),
                 written: vec![stored],
+                jobs,
             })
         }
     }
@@ -253,6 +257,7 @@ fn response_entry(s: &Stored, status: &str, base: &str, full: bool) -> Value {
 
 async fn transaction(
     store: &Store,
+    jobs: JobPlan<'_>,
     body: &Value,
     base: &str,
     full: bool,
@@ -269,7 +274,8 @@ async fn transaction(
             writes.push(w.clone());
         }
     }
-    let mut written = store.fhir_write(writes).await?.into_iter();
+    let done = store.fhir_write_then(writes, jobs).await?;
+    let mut written = done.stored.into_iter();
     let mut out = Vec::new();
     let mut all = Vec::new();
     for p in plans {
@@ -303,37 +309,38 @@ async fn transaction(
         }),
         location: None,
         written: all,
+        jobs: done.jobs,
     })
 }
 
+/// A batch entry's result: (stored, status, the jobs when this entry wrote, whether a read).
+type EntryOutcome = (Stored, &'static str, Option<Vec<String>>, bool);
+
 async fn batch(
     store: &Store,
+    jobs: JobPlan<'_>,
     body: &Value,
     base: &str,
     full: bool,
 ) -> Result<BundleResult, FhirError> {
     let mut out = Vec::new();
     let mut all = Vec::new();
+    let mut started = Vec::new();
     for (i, entry) in entries(body).iter().enumerate() {
         let mut map = HashMap::new();
-        // (stored, status, written by this entry, a read)
-        let result: Result<(Stored, &str, bool, bool), FhirError> = async {
+        let result: Result<EntryOutcome, FhirError> = async {
             match plan(store, i, entry, &mut map).await? {
                 Plan::Write(mut w) => {
                     rewrite(&mut w.body, &map, &format!("Bundle.entry[{i}].resource"))?;
-                    let s = store
-                        .fhir_write(vec![w])
-                        .await?
-                        .pop()
-                        .ok_or_else(|| FhirError::Invalid("nothing written".into()))?;
+                    let (s, j) = rest::one(store.fhir_write_then(vec![w], jobs).await?)?;
                     let status = if s.created { "201 Created" } else { "200 OK" };
-                    Ok((s, status, true, false))
+                    Ok((s, status, Some(j), false))
                 }
-                Plan::Existing(s) => Ok((s, "200 OK", false, false)),
+                Plan::Existing(s) => Ok((s, "200 OK", None, false)),
                 Plan::Read(t, id) => Ok((
                     rest::read(store, &t, &id, None).await?,
                     "200 OK",
-                    false,
+                    None,
                     true,
                 )),
             }
@@ -342,8 +349,9 @@ async fn batch(
         match result {
             Ok((s, status, wrote, read)) => {
                 out.push(response_entry(&s, status, base, full || read));
-                if wrote {
+                if let Some(j) = wrote {
                     all.push(s);
+                    started.extend(j);
                 }
             }
             Err(FhirError::Store(e)) => return Err(FhirError::Store(e)),
@@ -365,6 +373,7 @@ async fn batch(
         }),
         location: None,
         written: all,
+        jobs: started,
     })
 }
 

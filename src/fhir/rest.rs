@@ -6,7 +6,7 @@ use super::search::{self, SearchQuery};
 use super::types::is_resource_type;
 use super::validate::{check_resource, valid_id};
 use super::FhirError;
-use crate::store::fhir::{Stored, Write};
+use crate::store::fhir::{Plan, Stored, Write, Written};
 use crate::store::Store;
 
 /// The version in a weak or strong ETag (`W/"3"`, `"3"`, `3`).
@@ -89,9 +89,10 @@ fn check_no_placeholders(resource_type: &str, body: &Value) -> Result<(), FhirEr
 /// [`FhirError`] for invalid content or storage failure.
 pub async fn create(
     store: &Store,
+    plan: Plan<'_>,
     resource_type: &str,
     mut body: Value,
-) -> Result<Stored, FhirError> {
+) -> Result<(Stored, Vec<String>), FhirError> {
     known_type(resource_type)?;
     check_type(resource_type, &body)?;
     if resource_type != "Bundle" {
@@ -102,16 +103,13 @@ pub async fn create(
     if let Some(o) = body.as_object_mut() {
         o.remove("id");
     }
-    let mut out = store
-        .fhir_write(vec![Write {
-            resource_type: resource_type.to_string(),
-            id,
-            body,
-            if_match: None,
-        }])
-        .await?;
-    out.pop()
-        .ok_or_else(|| FhirError::Invalid("nothing was written".into()))
+    let write = Write {
+        resource_type: resource_type.to_string(),
+        id,
+        body,
+        if_match: None,
+    };
+    one(store.fhir_write_then(vec![write], plan).await?)
 }
 
 /// `PUT /fhir/{type}/{id}`: a new version (or the first, with a client-chosen id).
@@ -120,11 +118,12 @@ pub async fn create(
 /// [`FhirError`] for invalid content, an id mismatch, an `If-Match` conflict or storage failure.
 pub async fn update(
     store: &Store,
+    plan: Plan<'_>,
     resource_type: &str,
     id: &str,
     body: Value,
     if_match: Option<i64>,
-) -> Result<Stored, FhirError> {
+) -> Result<(Stored, Vec<String>), FhirError> {
     known_type(resource_type)?;
     if !valid_id(id) {
         return Err(FhirError::Invalid(format!("'{id}' is not a valid FHIR id")));
@@ -144,16 +143,22 @@ pub async fn update(
         }
     }
     check_no_placeholders(resource_type, &body)?;
-    let mut out = store
-        .fhir_write(vec![Write {
-            resource_type: resource_type.to_string(),
-            id: id.to_string(),
-            body,
-            if_match,
-        }])
-        .await?;
-    out.pop()
-        .ok_or_else(|| FhirError::Invalid("nothing was written".into()))
+    let write = Write {
+        resource_type: resource_type.to_string(),
+        id: id.to_string(),
+        body,
+        if_match,
+    };
+    one(store.fhir_write_then(vec![write], plan).await?)
+}
+
+/// The one resource of a single write, with its jobs.
+pub(crate) fn one(mut w: Written) -> Result<(Stored, Vec<String>), FhirError> {
+    let s = w
+        .stored
+        .pop()
+        .ok_or_else(|| FhirError::Invalid("nothing was written".into()))?;
+    Ok((s, w.jobs))
 }
 
 /// `GET /fhir/{type}/{id}[/_history/{vid}]`.

@@ -6,6 +6,7 @@
 //! only, never the peer's answer.
 
 pub mod guard;
+pub mod wado;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -421,11 +421,12 @@ pub fn affected_patients(service: &RiskService, written: &[Stored]) -> Vec<Strin
 /// # Errors
 /// [`FhirError`]: 400 for a body of the wrong shape, 422 when required features are missing.
 pub async fn predict_operation(
-    state: &crate::app::AppState,
+    risk: Option<&RiskService>,
+    store: &Store,
     body: Value,
     base: &str,
 ) -> Result<Value, FhirError> {
-    let Some(service) = state.risk.as_ref() else {
+    let Some(service) = risk else {
         return Err(FhirError::NotSupported(
             "no tabular risk model is loaded".into(),
         ));
@@ -485,8 +486,7 @@ pub async fn predict_operation(
                     .into(),
             ));
         };
-        if state
-            .store
+        if store
             .fhir_read("Patient", patient.trim_start_matches("Patient/"), None)
             .await?
             .is_none()
@@ -496,7 +496,7 @@ pub async fn predict_operation(
             )));
         }
         service
-            .assess_patient(&state.store, &patient, false)
+            .assess_patient(store, &patient, false)
             .await?
             .unwrap_or_default()
             .into_iter()

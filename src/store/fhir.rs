@@ -7,7 +7,7 @@ use sqlx::Row;
 
 use super::sql::Sql;
 
-use super::{Store, StoreError};
+use super::{NewJob, Store, StoreError};
 use crate::fhir::index::{self, Entry};
 use crate::fhir::search::{Cond, Prefix, SearchQuery};
 
@@ -41,6 +41,18 @@ pub struct Stored {
     pub body: Value,
 }
 
+/// Names the jobs a FHIR write starts, from what it stored.
+pub type Plan<'a> = &'a (dyn Fn(&[Stored]) -> Vec<NewJob> + Send + Sync);
+
+/// What a FHIR write stored, and the jobs it started.
+#[derive(Debug, Default)]
+pub struct Written {
+    /// The new versions, in the order written.
+    pub stored: Vec<Stored>,
+    /// Ids of the jobs the plan named (for a job deduplicated by its key: the existing one).
+    pub jobs: Vec<String>,
+}
+
 impl Store {
     /// Writes every resource of `writes` in one transaction: a new version of each, with its
     /// search index. Nothing is written when one fails.
@@ -49,6 +61,19 @@ impl Store {
     /// [`StoreError::Conflict`] when an `If-Match` version is not the current one;
     /// [`StoreError::Db`] otherwise.
     pub async fn fhir_write(&self, writes: Vec<Write>) -> Result<Vec<Stored>, StoreError> {
+        Ok(self.fhir_write_then(writes, &|_| Vec::new()).await?.stored)
+    }
+
+    /// [`Self::fhir_write`], enqueueing the jobs `plan` names for what was stored in the same
+    /// transaction (an accepted ImagingStudy or Observation is never without its job).
+    ///
+    /// # Errors
+    /// As [`Self::fhir_write`].
+    pub async fn fhir_write_then(
+        &self,
+        writes: Vec<Write>,
+        plan: Plan<'_>,
+    ) -> Result<Written, StoreError> {
         let now = index::instant(chrono::Utc::now());
         let mut tx = self.begin_write().await?;
         let mut out = Vec::with_capacity(writes.len());
@@ -78,13 +103,12 @@ impl Store {
             };
             self.audit_in(&mut tx, &event, &actor, &now).await?;
         }
-        if let Some(triggers) = &self.triggers {
-            for job in triggers(&out) {
-                Store::insert_job(&mut tx, &job, None).await?;
-            }
+        let mut jobs = Vec::new();
+        for job in plan(&out) {
+            jobs.extend(self.insert_or_find_job(&mut tx, &job).await?);
         }
         tx.commit().await?;
-        Ok(out)
+        Ok(Written { stored: out, jobs })
     }
 
     /// Writes the AuditEvent of `event` by `actor` inside `conn`'s transaction (and queues it

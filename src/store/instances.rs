@@ -285,7 +285,7 @@ impl Store {
         let new = r.rows_affected() == 1;
         let mut id = None;
         if let (true, Some((job, claimed))) = (new, job) {
-            id = Store::insert_job(&mut tx, job, claimed).await?;
+            id = self.insert_job(&mut tx, job, claimed).await?;
         }
         // the AuditEvent of the transfer, in the same transaction
         if let (true, Some(actor)) = (new, crate::audit::current()) {

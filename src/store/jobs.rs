@@ -56,11 +56,59 @@ impl JobState {
     }
 }
 
+/// What a job does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobKind {
+    /// Analyse one stored DICOM instance (subject: its SOP Instance UID).
+    Analyse,
+    /// Find and analyse the pixels of a stored ImagingStudy (subject: `ImagingStudy/<id>`).
+    ImagingStudy,
+    /// Assess a patient's ICU risk from their stored Observations (subject: `Patient/<id>`).
+    Risk,
+}
+
+impl JobKind {
+    /// Every kind.
+    pub const ALL: [Self; 3] = [Self::Analyse, Self::ImagingStudy, Self::Risk];
+
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Analyse => "analyse",
+            Self::ImagingStudy => "imaging-study",
+            Self::Risk => "risk",
+        }
+    }
+
+    /// From the stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// Whether the kind works on images (the backlog DICOM intake obeys).
+    pub fn is_imaging(self) -> bool {
+        matches!(self, Self::Analyse | Self::ImagingStudy)
+    }
+}
+
+impl std::fmt::Display for JobKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A job to enqueue.
 #[derive(Debug, Clone)]
 pub struct NewJob {
-    /// What to do: `analyse`, `imaging-study`, `risk`.
-    pub kind: String,
+    /// What to do.
+    pub kind: JobKind,
     /// What it works on (a SOP Instance UID, `ImagingStudy/<id>`, `Patient/<id>`).
     pub subject: String,
     /// Parameters.
@@ -77,13 +125,13 @@ pub struct Job {
     /// Id.
     pub id: String,
     /// What to do.
-    pub kind: String,
+    pub kind: JobKind,
     /// What it works on.
     pub subject: String,
     /// Parameters.
     pub payload: Value,
-    /// queued | running | done | dead.
-    pub state: String,
+    /// Where it is.
+    pub state: JobState,
     /// Attempts started.
     pub attempts: i64,
     /// Attempts allowed.
@@ -107,12 +155,15 @@ pub struct Job {
 fn job_from(r: &AnyRow) -> Result<Job, StoreError> {
     let payload: String = r.try_get("payload")?;
     let result: Option<String> = r.try_get("result")?;
+    let (kind, state): (String, String) = (r.try_get("kind")?, r.try_get("state")?);
     Ok(Job {
         id: r.try_get("id")?,
-        kind: r.try_get("kind")?,
+        kind: JobKind::parse(&kind)
+            .ok_or_else(|| StoreError::Corrupt(format!("job kind '{kind}'")))?,
         subject: r.try_get("subject")?,
         payload: serde_json::from_str(&payload)?,
-        state: r.try_get("state")?,
+        state: JobState::parse(&state)
+            .ok_or_else(|| StoreError::Corrupt(format!("job state '{state}'")))?,
         attempts: r.try_get("attempts")?,
         max_attempts: r.try_get("max_attempts")?,
         run_at: r.try_get("run_at")?,
@@ -125,14 +176,38 @@ fn job_from(r: &AnyRow) -> Result<Job, StoreError> {
     })
 }
 
-/// RFC 3339 now, UTC, microseconds, fixed width (so text comparison orders it).
-fn stamp() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, false)
+/// The job queue's clock: the system clock, moved forward by whatever a test advanced it (so
+/// lease expiry and backoff are tested without sleeping). Clones share the offset.
+#[derive(Debug, Clone, Default)]
+pub struct Clock {
+    offset_ms: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
-/// Unix milliseconds now.
-pub fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
+impl Clock {
+    /// Moves this clock (and every clone) forward by `by`.
+    pub fn advance(&self, by: Duration) {
+        self.offset_ms
+            .fetch_add(ms(by), std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Now.
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        chrono::Utc::now()
+            + chrono::Duration::milliseconds(
+                self.offset_ms.load(std::sync::atomic::Ordering::SeqCst),
+            )
+    }
+
+    /// Unix milliseconds now.
+    pub fn now_ms(&self) -> i64 {
+        self.now().timestamp_millis()
+    }
+
+    /// RFC 3339 now, UTC, microseconds, fixed width (so text comparison orders it).
+    fn stamp(&self) -> String {
+        self.now()
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, false)
+    }
 }
 
 fn ms(d: Duration) -> i64 {
@@ -156,18 +231,19 @@ impl Store {
     /// # Errors
     /// [`StoreError::Db`].
     pub async fn insert_job(
+        &self,
         conn: &mut AnyConnection,
         job: &NewJob,
         claimed_by: Option<(&str, Duration)>,
     ) -> Result<Option<String>, StoreError> {
         let id = uuid::Uuid::new_v4().to_string();
-        let now = stamp();
+        let now = self.clock.stamp();
         let (state, attempts, owner, until) = match claimed_by {
             Some((owner, lease)) => (
                 "running",
                 1_i64,
                 Some(owner.to_string()),
-                Some(now_ms() + ms(lease)),
+                Some(self.clock.now_ms() + ms(lease)),
             ),
             None => ("queued", 0, None, None),
         };
@@ -178,14 +254,14 @@ impl Store {
              ON CONFLICT (dedupe) DO NOTHING",
         )
         .bind(&id)
-        .bind(&job.kind)
+        .bind(job.kind.as_str())
         .bind(&job.subject)
         .bind(serde_json::to_string(&job.payload)?)
         .bind(&job.dedupe)
         .bind(state)
         .bind(attempts)
         .bind(job.max_attempts)
-        .bind(now_ms())
+        .bind(self.clock.now_ms())
         .bind(owner)
         .bind(until)
         .bind(&now)
@@ -194,13 +270,35 @@ impl Store {
         Ok((r.rows_affected() == 1).then_some(id))
     }
 
+    /// [`Self::insert_job`] (unclaimed); when its dedupe key is taken, the id of the job that
+    /// holds it.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub async fn insert_or_find_job(
+        &self,
+        conn: &mut AnyConnection,
+        job: &NewJob,
+    ) -> Result<Option<String>, StoreError> {
+        if let Some(id) = self.insert_job(&mut *conn, job, None).await? {
+            return Ok(Some(id));
+        }
+        let Some(key) = &job.dedupe else {
+            return Ok(None);
+        };
+        Ok(sqlx::query_scalar("SELECT id FROM jobs WHERE dedupe = $1")
+            .bind(key)
+            .fetch_optional(conn)
+            .await?)
+    }
+
     /// Enqueues `job` on its own (see [`Self::insert_job`]).
     ///
     /// # Errors
     /// [`StoreError::Db`].
     pub async fn enqueue(&self, job: &NewJob) -> Result<Option<String>, StoreError> {
         let mut conn = self.pool.acquire().await?;
-        Self::insert_job(&mut conn, job, None).await
+        self.insert_job(&mut conn, job, None).await
     }
 
     /// Claims up to `limit` due jobs for `owner` for `lease`. Jobs whose lease expired after
@@ -214,8 +312,8 @@ impl Store {
         limit: i64,
         lease: Duration,
     ) -> Result<Vec<Job>, StoreError> {
-        let now = now_ms();
-        let stamp = stamp();
+        let now = self.clock.now_ms();
+        let stamp = self.clock.stamp();
         sqlx::query(
             "UPDATE jobs SET state = 'dead', updated = $1, last_error = \
              COALESCE(last_error || '; ', '') || 'lease expired on the last allowed attempt (the worker stopped)' \
@@ -256,7 +354,7 @@ impl Store {
         let r = sqlx::query(
             "UPDATE jobs SET lease_until = $1 WHERE id = $2 AND lease_owner = $3 AND state = 'running'",
         )
-        .bind(now_ms() + ms(lease))
+        .bind(self.clock.now_ms() + ms(lease))
         .bind(id)
         .bind(owner)
         .execute(&self.pool)
@@ -279,7 +377,7 @@ impl Store {
              WHERE id = $3 AND lease_owner = $4 AND state = 'running'",
         )
         .bind(serde_json::to_string(result)?)
-        .bind(stamp())
+        .bind(self.clock.stamp())
         .bind(id)
         .bind(owner)
         .execute(&self.pool)
@@ -303,7 +401,7 @@ impl Store {
         let Some(job) = self.job(id).await? else {
             return Ok(None);
         };
-        if job.lease_owner.as_deref() != Some(owner) || job.state != "running" {
+        if job.lease_owner.as_deref() != Some(owner) || job.state != JobState::Running {
             return Ok(None);
         }
         let state = if retry && job.attempts < job.max_attempts {
@@ -317,8 +415,8 @@ impl Store {
         )
         .bind(state.as_str())
         .bind(error)
-        .bind(now_ms() + ms(backoff(base, job.attempts)))
-        .bind(stamp())
+        .bind(self.clock.now_ms() + ms(backoff(base, job.attempts)))
+        .bind(self.clock.stamp())
         .bind(id)
         .bind(owner)
         .execute(&self.pool)
@@ -336,8 +434,8 @@ impl Store {
             "UPDATE jobs SET state = 'queued', attempts = attempts - 1, lease_until = NULL, \
              run_at = $1, updated = $2 WHERE id = $3 AND lease_owner = $4 AND state = 'running'",
         )
-        .bind(now_ms())
-        .bind(stamp())
+        .bind(self.clock.now_ms())
+        .bind(self.clock.stamp())
         .bind(id)
         .bind(owner)
         .execute(&self.pool)
@@ -366,7 +464,7 @@ impl Store {
     pub async fn jobs(
         &self,
         state: Option<JobState>,
-        kind: Option<&str>,
+        kind: Option<JobKind>,
         subject: Option<&str>,
         limit: i64,
         offset: i64,
@@ -376,7 +474,7 @@ impl Store {
             q.push(" AND state = ").bind(s.as_str().to_string());
         }
         if let Some(k) = kind {
-            q.push(" AND kind = ").bind(k.to_string());
+            q.push(" AND kind = ").bind(k.as_str().to_string());
         }
         if let Some(s) = subject {
             q.push(" AND subject = ").bind(s.to_string());

@@ -20,7 +20,7 @@ use uuid::Uuid;
 pub use blob::BlobStore;
 pub use exports::ExportRow;
 pub use instances::{InstanceStatus, Query, Source, StudyHit};
-pub use jobs::{Job, JobState, NewJob};
+pub use jobs::{Clock, Job, JobKind, JobState, NewJob};
 pub use sql::Dialect;
 
 use crate::pipeline::Analysis;
@@ -49,6 +49,9 @@ pub enum StoreError {
     /// The database URL names no supported database.
     #[error("unsupported database URL (use sqlite://FILE or postgres://…)")]
     Url,
+    /// A stored value this version does not know (a row written by a newer release?).
+    #[error("unreadable stored value: {0}")]
+    Corrupt(String),
 }
 
 impl StoreError {
@@ -111,9 +114,6 @@ pub struct ResultRow {
     pub cam_method: String,
 }
 
-/// Jobs that stored FHIR resources start, enqueued in the transaction that stores them.
-pub type FhirTriggers = std::sync::Arc<dyn Fn(&[fhir::Stored]) -> Vec<NewJob> + Send + Sync>;
-
 /// Database + blobs.
 #[derive(Clone)]
 pub struct Store {
@@ -121,7 +121,7 @@ pub struct Store {
     dialect: Dialect,
     blobs: BlobStore,
     dicom: BlobStore,
-    triggers: Option<FhirTriggers>,
+    clock: jobs::Clock,
 }
 
 impl Store {
@@ -186,15 +186,15 @@ impl Store {
             dialect,
             blobs: BlobStore::new(data_dir.join("results"))?,
             dicom: BlobStore::new(data_dir.join("dicom"))?,
-            triggers: None,
+            clock: jobs::Clock::default(),
         })
     }
 
-    /// This store, enqueueing the jobs `triggers` names for every FHIR write in the same
-    /// transaction (an accepted ImagingStudy or Observation is never without its job).
+    /// This store with the job queue reading time from `clock` (tests advance it instead of
+    /// sleeping through leases and backoffs).
     #[must_use]
-    pub fn with_fhir_triggers(mut self, triggers: FhirTriggers) -> Self {
-        self.triggers = Some(triggers);
+    pub fn with_clock(mut self, clock: jobs::Clock) -> Self {
+        self.clock = clock;
         self
     }
 

@@ -59,27 +59,168 @@ pub async fn registry_async() -> Arc<Registry> {
     tokio::task::spawn_blocking(registry).await.unwrap()
 }
 
-/// The real router with the fixture models and a fresh SQLite store in a temp folder.
+/// Carina for one test, wired by the same [`carina::app::App::build`] as `carina serve`: a
+/// fresh SQLite database in a temp folder (or a fresh PostgreSQL database when
+/// `CARINA_TEST_DATABASE_URL` is set), the fixture models unless [`TestApp::with_models`] says
+/// otherwise, no background workers: [`TestApp::run_jobs`] drains the queue.
+pub struct TestApp {
+    /// The wired app (its state: store, ingest, jobs, …).
+    pub app: carina::app::App,
+    /// The routes over it.
+    pub router: axum::Router,
+    /// The settings it was built from (data_dir is [`Self::dir`]).
+    pub settings: carina::config::Settings,
+    /// The data folder, removed when the test ends.
+    pub dir: tempfile::TempDir,
+}
+
+/// What a [`TestApp`] is built from: settings for a test (loopback, no disk-space floor, the
+/// Host `carina.test` allowed in links) that `configure` may change, and the models.
+pub struct TestAppBuilder {
+    settings: carina::config::Settings,
+    models: Option<Arc<Registry>>,
+    max_body: Option<usize>,
+}
+
+impl TestAppBuilder {
+    /// Changes the settings before the app is built.
+    pub fn configure(mut self, f: impl FnOnce(&mut carina::config::Settings)) -> Self {
+        f(&mut self.settings);
+        self
+    }
+
+    /// Uses `models` instead of the fixture models.
+    pub fn with_models(mut self, models: Arc<Registry>) -> Self {
+        self.models = Some(models);
+        self
+    }
+
+    /// A body limit in bytes (settings count MiB; tests of the limit want less).
+    pub fn max_body(mut self, bytes: usize) -> Self {
+        self.max_body = Some(bytes);
+        self
+    }
+
+    /// Builds the app.
+    pub async fn build(self) -> TestApp {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = self.settings;
+        settings.data_dir = dir.path().to_path_buf();
+        if let Some(admin) = pg_url() {
+            settings.database_url = Some(fresh_pg_database(&admin).await);
+        }
+        let models = match self.models {
+            Some(m) => m,
+            None => registry_async().await,
+        };
+        let mut app = carina::app::App::build(&settings, models).await.unwrap();
+        if let Some(b) = self.max_body {
+            app.state.max_body = b;
+            app.state.fhir_max_body = app.state.fhir_max_body.min(b);
+        }
+        TestApp {
+            router: carina::api::router(app.state.clone()),
+            app,
+            settings,
+            dir,
+        }
+    }
+}
+
+impl TestApp {
+    /// A builder with the test defaults.
+    pub fn builder() -> TestAppBuilder {
+        let mut settings = carina::config::Settings::default();
+        settings.dicom.min_free_mb = 0;
+        settings.allowed_hosts = vec!["carina.test".into()];
+        TestAppBuilder {
+            settings,
+            models: None,
+            max_body: None,
+        }
+    }
+
+    /// The default test app.
+    pub async fn spawn() -> Self {
+        Self::builder().build().await
+    }
+
+    /// The handler state.
+    pub fn state(&self) -> &carina::app::AppState {
+        &self.app.state
+    }
+
+    /// The store.
+    pub fn store(&self) -> &carina::store::Store {
+        &self.app.state.store
+    }
+
+    /// The ingest service (the DIMSE listener's and STOW's way in).
+    pub fn ingest(&self) -> carina::ingest::Ingest {
+        self.app.state.ingest.clone()
+    }
+
+    /// Runs queued jobs until none is due (imaging analyses, ImagingStudy jobs, risk
+    /// assessments); returns how many ran.
+    pub async fn run_jobs(&self) -> usize {
+        self.app.state.jobs.worker().run_until_idle().await
+    }
+
+    /// Runs the job workers in the background for the rest of the test (for requests that
+    /// wait for the jobs they start, like a synchronous FHIR write).
+    pub fn spawn_workers(&self) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(
+            self.app
+                .state
+                .jobs
+                .worker()
+                .run_until(std::future::pending()),
+        )
+    }
+
+    /// Sends `req` through the router (no socket); status, headers and body bytes.
+    pub async fn send(
+        &self,
+        req: axum::http::Request<axum::body::Body>,
+    ) -> (axum::http::StatusCode, axum::http::HeaderMap, Vec<u8>) {
+        use http_body_util::BodyExt;
+        use tower::ServiceExt;
+        let res = self.router.clone().oneshot(req).await.unwrap();
+        let (status, headers) = (res.status(), res.headers().clone());
+        let body = res.into_body().collect().await.unwrap().to_bytes().to_vec();
+        (status, headers, body)
+    }
+
+    /// Serves the router on a loopback port (bound to port 0, kept) for real clients; the
+    /// server stops when the handle is dropped or aborted.
+    pub async fn serve_http(&self) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = self.router.clone();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, router).await.unwrap();
+        });
+        (addr, task)
+    }
+}
+
+/// The real router with the fixture models and a fresh store in a temp folder.
 pub async fn app(max_body: usize) -> (axum::Router, tempfile::TempDir) {
     let (r, d, _) = app_with_ingest(max_body).await;
     (r, d)
 }
 
-/// [`app`] plus its ingest service (to run the analysis worker or the DIMSE SCP).
+/// [`app`] plus its ingest service (to run the DIMSE SCP).
 pub async fn app_with_ingest(
     max_body: usize,
 ) -> (axum::Router, tempfile::TempDir, carina::ingest::Ingest) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = store(dir.path()).await;
-    let models = registry_async().await;
-    let ingest = carina::ingest::Ingest::new(store.clone(), models.clone(), Vec::new(), 0, None);
-    let state = carina::app::AppState::new(models, store, None, max_body, ingest.clone())
-        .unwrap()
-        .with_outbound(
-            carina::outbound::Outbound::with_configured(&[]).unwrap(),
-            vec!["carina.test".into()],
-        );
-    (carina::api::router(state), dir, ingest)
+    let t = test_app(max_body).await;
+    (t.router, t.dir, t.app.state.ingest)
+}
+
+/// [`TestApp`] with a body limit of `max_body` bytes.
+pub async fn test_app(max_body: usize) -> TestApp {
+    TestApp::builder().max_body(max_body).build().await
 }
 
 /// A fresh store for one test, blobs in `dir`. The database is SQLite in `dir`, or, when

@@ -1,4 +1,4 @@
-//! Job workers: claim due jobs from the database queue under a lease, run them, record the
+//! The worker loop: claim due jobs from the database queue under a lease, run them, record the
 //! outcome. Each worker loop holds one job at a time and renews its lease while the job runs, so
 //! a job runs on one replica at a time; a crashed replica's jobs become claimable again when
 //! their leases expire. On shutdown a worker stops claiming, lets its job finish within the grace
@@ -12,6 +12,7 @@ use serde_json::Value;
 use tokio::sync::{watch, Notify};
 use tracing::Instrument;
 
+use super::{Failure, JobError};
 use crate::store::{Job, JobState, Store};
 
 /// How workers claim and retry jobs.
@@ -54,6 +55,17 @@ impl Default for JobSettings {
     }
 }
 
+impl JobSettings {
+    /// What ingest needs to enqueue analysis jobs like these workers run them.
+    pub fn queue_options(&self) -> crate::ingest::QueueOptions {
+        crate::ingest::QueueOptions {
+            owner: self.owner.clone(),
+            lease: self.lease,
+            max_attempts: self.max_attempts,
+        }
+    }
+}
+
 /// `<host>-<pid>-<8 random hex>`.
 pub fn default_owner() -> String {
     let host = std::fs::read_to_string("/etc/hostname")
@@ -63,15 +75,6 @@ pub fn default_owner() -> String {
         .unwrap_or_else(|| "carina".into());
     let rand = uuid::Uuid::new_v4().simple().to_string();
     format!("{host}-{}-{}", std::process::id(), &rand[..8])
-}
-
-/// Why a job attempt failed.
-#[derive(Debug)]
-pub enum JobError {
-    /// Worth another attempt (database or network trouble).
-    Retry(String),
-    /// Will fail again: dead at once.
-    Fatal(String),
 }
 
 /// Runs one job, returning its result.
@@ -121,6 +124,30 @@ impl Worker {
         }
     }
 
+    /// Claims and runs due jobs one at a time until none is due, and returns how many ran (a
+    /// job retried after a failure waits for its backoff, so it is not run again here). Tests
+    /// drain the queue with it instead of polling; the server runs [`Self::run`].
+    pub async fn run_until_idle(&self) -> usize {
+        let (_keep, never) = watch::channel(false);
+        let mut ran = 0;
+        loop {
+            let s = &self.settings;
+            match self.store.claim_jobs(&s.owner, 1, s.lease).await {
+                Ok(jobs) if !jobs.is_empty() => {
+                    for job in jobs {
+                        self.run_one(job, never.clone()).await;
+                        ran += 1;
+                    }
+                }
+                Ok(_) => return ran,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot claim jobs");
+                    return ran;
+                }
+            }
+        }
+    }
+
     async fn run_loop(self, mut stop: watch::Receiver<bool>) {
         let s = self.settings.clone();
         while !*stop.borrow() {
@@ -152,7 +179,7 @@ impl Worker {
         let s = self.settings.clone();
         let span =
             tracing::info_span!("job", job_id = %job.id, kind = %job.kind, attempt = job.attempts);
-        let (id, kind) = (job.id.clone(), job.kind.clone());
+        let (id, kind) = (job.id.clone(), job.kind);
         async move {
             let started = std::time::Instant::now();
             let heartbeat = {
@@ -184,24 +211,24 @@ impl Worker {
                 () = grace => None,
                 () = tokio::time::sleep(s.deadline) => {
                     tracing::warn!(secs = s.deadline.as_secs(), "job attempt ran past its deadline");
-                    Some(Err(JobError::Retry(format!(
-                        "the attempt ran past its deadline of {} s",
-                        s.deadline.as_secs()
-                    ))))
+                    Some(Err(JobError::Deadline(s.deadline)))
                 }
             };
             heartbeat.abort();
             let m = crate::metrics::global();
-            m.observe_job(&kind, started.elapsed().as_secs_f64());
+            m.observe_job(kind.as_str(), started.elapsed().as_secs_f64());
             let recorded = match outcome {
                 None => {
-                    m.job_outcome(&kind, "released");
+                    m.job_outcome(kind.as_str(), "released");
                     tracing::info!("job released at shutdown");
                     self.store.release_job(&id, &s.owner).await.map(|_| ())
                 }
-                Some(outcome) => record(&self.store, &id, &s.owner, outcome, s.backoff)
-                    .await
-                    .map(|name| m.job_outcome(&kind, name)),
+                Some(outcome) => {
+                    let outcome = outcome.as_ref().map(Value::clone).map_err(JobError::failure);
+                    record(&self.store, &id, &s.owner, outcome, s.backoff)
+                        .await
+                        .map(|name| m.job_outcome(kind.as_str(), name))
+                }
             };
             if let Err(e) = recorded {
                 // the lease expires and the job runs again; its effects are idempotent
@@ -224,7 +251,7 @@ pub async fn record(
     store: &Store,
     id: &str,
     owner: &str,
-    outcome: Result<Value, JobError>,
+    outcome: Result<Value, Failure<'_>>,
     backoff: Duration,
 ) -> Result<&'static str, crate::store::StoreError> {
     match outcome {
@@ -233,11 +260,8 @@ pub async fn record(
             tracing::info!("job done");
             Ok(if held { "done" } else { "lost" })
         }
-        Err(e) => {
-            let (msg, retry) = match e {
-                JobError::Retry(m) => (m, true),
-                JobError::Fatal(m) => (m, false),
-            };
+        Err(Failure { why, retry }) => {
+            let msg = why.to_string();
             let name = match store.fail_job(id, owner, &msg, retry, backoff).await? {
                 Some(JobState::Dead) => "dead",
                 Some(_) => "retry",

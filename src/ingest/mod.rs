@@ -8,6 +8,8 @@
 //! ids derived from the SOP Instance UID and the model, so running it twice (a re-send, a crash
 //! between steps) makes the same report and the same Secondary Capture, never a second one.
 
+pub mod dimse;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,8 +25,29 @@ use crate::dicom::{parse_instance, status, InstanceIndex, ParseError};
 use crate::imaging::MediaType;
 use crate::inference::Registry;
 use crate::pipeline::{self, AnalyseError, Analysis};
-use crate::store::{Job, NewJob, Source, Store, StoreError};
-use crate::worker::{JobError, JobSettings, Worker};
+use crate::store::{JobKind, NewJob, Source, Store, StoreError};
+
+/// How ingest enqueues analysis jobs: the attempts they get, and (for an analysis the caller
+/// runs at once) the lease it holds them under.
+#[derive(Debug, Clone)]
+pub struct QueueOptions {
+    /// This process's lease owner name (the job workers' too).
+    pub owner: String,
+    /// Lease of a job enqueued already claimed.
+    pub lease: Duration,
+    /// Attempts before a job is dead.
+    pub max_attempts: i64,
+}
+
+impl Default for QueueOptions {
+    fn default() -> Self {
+        Self {
+            owner: format!("carina-{}", std::process::id()),
+            lease: Duration::from_secs(60),
+            max_attempts: 5,
+        }
+    }
+}
 
 /// Why an instance was not stored, with its DICOM status.
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +135,13 @@ pub enum ProcessError {
     Sc(#[from] sc::ScError),
 }
 
+impl ProcessError {
+    /// Whether another attempt may succeed (storage trouble; not a failed analysis).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Store(_))
+    }
+}
+
 /// The ingest and analysis service.
 #[derive(Clone)]
 pub struct Ingest {
@@ -122,7 +152,7 @@ pub struct Ingest {
     public_url: Option<String>,
     wake: Arc<Notify>,
     exporter: Option<Exporter>,
-    jobs: Arc<JobSettings>,
+    queue: Arc<QueueOptions>,
     max_backlog: i64,
 }
 
@@ -151,7 +181,7 @@ impl Ingest {
             public_url,
             wake: Arc::new(Notify::new()),
             exporter: None,
-            jobs: Arc::new(JobSettings::default()),
+            queue: Arc::new(QueueOptions::default()),
             max_backlog: 10_000,
         }
     }
@@ -159,15 +189,15 @@ impl Ingest {
     /// Sets how jobs are leased and retried, and the backlog above which new work is refused
     /// (503 + Retry-After over HTTP, A700 over DIMSE).
     #[must_use]
-    pub fn with_jobs(mut self, jobs: JobSettings, max_backlog: i64) -> Self {
-        self.jobs = Arc::new(jobs);
+    pub fn with_queue(mut self, queue: QueueOptions, max_backlog: i64) -> Self {
+        self.queue = Arc::new(queue);
         self.max_backlog = max_backlog;
         self
     }
 
-    /// The job settings.
-    pub fn job_settings(&self) -> &JobSettings {
-        &self.jobs
+    /// How analysis jobs are enqueued.
+    pub fn queue(&self) -> &QueueOptions {
+        &self.queue
     }
 
     /// Wakes this process's idle workers (a job was enqueued).
@@ -178,11 +208,11 @@ impl Ingest {
     /// The analysis job of an instance.
     fn analyse_job(&self, sop: &str, model: Option<&str>) -> NewJob {
         NewJob {
-            kind: "analyse".into(),
+            kind: JobKind::Analyse,
             subject: sop.to_string(),
             payload: model.map_or(serde_json::json!({}), |m| serde_json::json!({ "model": m })),
             dedupe: Some(format!("analyse:{sop}")),
-            max_attempts: self.jobs.max_attempts,
+            max_attempts: self.queue.max_attempts,
         }
     }
 
@@ -302,7 +332,7 @@ impl Ingest {
             .await
             .map_err(|e| IngestError::Parse(ParseError::Unreadable(e.to_string())))??;
         let job = self.analyse_job(&parsed.index.sop_instance_uid, None);
-        let lease = (self.jobs.owner.as_str(), self.jobs.lease);
+        let lease = (self.queue.owner.as_str(), self.queue.lease);
         self.store_parsed(
             parsed,
             source,
@@ -312,26 +342,6 @@ impl Ingest {
             Some((&job, Some(lease))),
         )
         .await
-    }
-
-    /// Analyses an instance stored by [`Self::receive_claimed`] now and finishes its job.
-    ///
-    /// # Errors
-    /// As [`Self::process`].
-    pub async fn process_claimed(
-        &self,
-        accepted: &Accepted,
-        model: Option<&str>,
-    ) -> Result<Analysis, ProcessError> {
-        let result = self.process(&accepted.index.sop_instance_uid, model).await;
-        if let Some(job) = &accepted.job {
-            let (owner, backoff) = (&self.jobs.owner, self.jobs.backoff);
-            let outcome = job_outcome(&result);
-            if let Err(e) = crate::worker::record(&self.store, job, owner, outcome, backoff).await {
-                tracing::warn!(error = %e, "cannot record the analysis job outcome");
-            }
-        }
-        result
     }
 
     async fn store_parsed(
@@ -380,34 +390,6 @@ impl Ingest {
             new,
             job: job_id,
         })
-    }
-
-    /// Runs job workers that handle analysis jobs only (the server's workers handle every
-    /// kind, see `AppState::run_job`) until `stop` resolves.
-    pub async fn run_worker(self, stop: impl std::future::Future<Output = ()> + Send + 'static) {
-        let this = self.clone();
-        let handler: crate::worker::Handler = Arc::new(move |job: Job| {
-            let this = this.clone();
-            Box::pin(async move { this.run_job(&job).await })
-        });
-        Worker::new(
-            self.store.clone(),
-            (*self.jobs).clone(),
-            handler,
-            self.wake.clone(),
-        )
-        .run_until(stop)
-        .await;
-    }
-
-    /// Runs an `analyse` job: the analysis of one stored instance.
-    ///
-    /// # Errors
-    /// [`JobError::Retry`] for storage trouble, [`JobError::Fatal`] when the analysis itself
-    /// failed (the instance's state says why).
-    pub async fn run_job(&self, job: &Job) -> Result<serde_json::Value, JobError> {
-        let model = job.payload.get("model").and_then(|m| m.as_str());
-        job_outcome(&self.process(&job.subject, model).await)
     }
 
     /// Analyses a stored instance now (routing decides the model unless `model` is given),
@@ -514,20 +496,5 @@ impl Ingest {
             }
         }
         Ok(analysis)
-    }
-}
-
-/// An analysis as a job outcome: done (analysed, or skipped with the reason), retried after
-/// storage trouble, dead when the analysis itself failed (the instance's state says why).
-fn job_outcome(result: &Result<Analysis, ProcessError>) -> Result<serde_json::Value, JobError> {
-    match result {
-        Ok(a) => Ok(serde_json::json!({
-            "analysis": a.id.to_string(),
-            "model": a.model.manifest.name,
-            "label": a.label_key(),
-        })),
-        Err(ProcessError::Skipped(why)) => Ok(serde_json::json!({ "skipped": why })),
-        Err(e @ ProcessError::Store(_)) => Err(JobError::Retry(e.to_string())),
-        Err(e) => Err(JobError::Fatal(e.to_string())),
     }
 }

@@ -9,11 +9,15 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use serde_json::{json, Value};
 
-use crate::app::AppState;
+use super::Jobs;
 use crate::fhir::index::normalise_reference;
 use crate::imaging::MediaType;
 use crate::ingest::Accepted;
+use crate::ingest::{IngestError, ProcessError};
+use crate::outbound::wado::WadoError;
+use crate::pipeline::AnalyseError;
 use crate::store::fhir::{Stored, Write};
+use crate::store::StoreError;
 use crate::store::{Query, Source};
 
 /// The DICOM UIDs an ImagingStudy names.
@@ -57,11 +61,7 @@ pub fn uids(study: &Value) -> StudyUids {
 
 /// The DICOMweb base URL of the study's `dicom-wado-rs` Endpoint: contained, in the same
 /// Bundle, or stored here.
-async fn wado_base(
-    state: &AppState,
-    study: &Value,
-    bundle: &HashMap<String, Value>,
-) -> Option<String> {
+async fn wado_base(jobs: &Jobs, study: &Value, bundle: &HashMap<String, Value>) -> Option<String> {
     let mut refs: Vec<String> = Vec::new();
     for e in study["endpoint"].as_array().into_iter().flatten() {
         refs.extend(e["reference"].as_str().map(str::to_string));
@@ -83,8 +83,7 @@ async fn wado_base(
             Some(v.clone())
         } else if let Some((t, id)) = normalise_reference(&r).split_once('/') {
             if t == "Endpoint" {
-                state
-                    .store
+                jobs.store
                     .fhir_read("Endpoint", id, None)
                     .await
                     .ok()
@@ -116,82 +115,73 @@ fn is_uid(uid: &str) -> bool {
         && !uid.contains("..")
 }
 
-/// How long one WADO-RS retrieve may take, whole body included.
-const WADO_DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
-
-/// Fetches `{base}{path}` as multipart/related DICOM through the outbound client (its
-/// allow-list and address guard decide whether the Endpoint may be called at all) and
-/// ingests every part. Returns the instances stored.
+/// Fetches `{base}{path}` by WADO-RS through the outbound client and ingests every instance
+/// (their analysis jobs leased to this process). Returns the instances stored.
 async fn fetch_and_ingest(
-    state: &AppState,
+    jobs: &Jobs,
     base: &str,
     path: &str,
-) -> Result<Vec<Accepted>, String> {
-    let base_url =
-        reqwest::Url::parse(base).map_err(|_| "the Endpoint address is not a URL".to_string())?;
-    if base_url.query().is_some() || base_url.fragment().is_some() {
-        return Err("the Endpoint address has a query or fragment; not fetched".into());
-    }
-    let url = format!("{}{path}", base.trim_end_matches('/'));
-    let answer = state
-        .outbound
-        .get(
-            &url,
-            &[("accept", "multipart/related; type=\"application/dicom\"")],
-            WADO_DEADLINE,
-        )
-        .await
-        .map_err(|e| format!("WADO-RS not fetched: {e}"))?;
-    if !answer.status.is_success() {
-        return Err(format!(
-            "WADO-RS {} answered {}",
-            crate::outbound::guard::redact(&reqwest::Url::parse(&url).map_err(|e| e.to_string())?),
-            answer.status.as_u16()
-        ));
-    }
-    let ct = answer.header("content-type").unwrap_or("").to_string();
-    let (essence, params) = crate::dicom::media_params(&ct);
-    let boundary = match (essence.as_str(), params.get("boundary")) {
-        ("multipart/related", Some(b)) => b.clone(),
-        _ => {
-            return Err(
-                "WADO-RS answered something other than multipart/related with a boundary".into(),
-            )
-        }
-    };
-    let body = answer.body;
-    let stream = futures_util::stream::once(async move { Ok::<_, std::io::Error>(body) });
-    let mut parts = multer::Multipart::new(stream, boundary);
+) -> Result<Vec<Accepted>, StudyError> {
     let mut stored = Vec::new();
-    while let Some(part) = parts
-        .next_field()
-        .await
-        .map_err(|_| "WADO-RS answer: malformed multipart".to_string())?
-    {
-        let bytes = part
-            .bytes()
-            .await
-            .map_err(|_| "WADO-RS answer: malformed multipart".to_string())?;
-        let accepted = state
-            .ingest
-            .receive_claimed(bytes, Source::Wado)
-            .await
-            .map_err(|e| e.to_string())?;
-        stored.push(accepted);
+    for part in crate::outbound::wado::retrieve(&jobs.outbound, base, path).await? {
+        stored.push(jobs.ingest.receive_claimed(part, Source::Wado).await?);
     }
     Ok(stored)
+}
+
+/// Why an ImagingStudy gave no report (stored as the job's note and shown to the client).
+#[derive(Debug, thiserror::Error)]
+pub enum StudyError {
+    /// Nothing to analyse here, nowhere to fetch from, nothing attached.
+    #[error("no instance of this study is stored here, it names no dicom-wado-rs Endpoint, and its Bundle holds no Binary or Media image")]
+    NoPixels,
+    /// An Endpoint but no Study Instance UID to retrieve.
+    #[error("the ImagingStudy has no Study Instance UID identifier (system urn:dicom:uid)")]
+    NoStudyUid,
+    /// UIDs that must not go into a WADO-RS path.
+    #[error("the ImagingStudy's UIDs are not DICOM UIDs; nothing fetched")]
+    NotUids,
+    /// The WADO-RS retrieve failed.
+    #[error(transparent)]
+    Fetch(#[from] WadoError),
+    /// A fetched or attached instance was refused.
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+    /// An instance's analysis failed.
+    #[error("{sop}: {source}")]
+    Instance {
+        /// Its SOP Instance UID.
+        sop: String,
+        /// Why.
+        source: ProcessError,
+    },
+    /// An attached instance's analysis failed.
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+    /// An attached PNG/JPEG's analysis failed.
+    #[error(transparent)]
+    Analyse(#[from] AnalyseError),
+    /// No image model is loaded for an attached PNG/JPEG.
+    #[error("no image model is loaded")]
+    NoModel,
+    /// Instances were found but none routed to a model.
+    #[error("no instance could be analysed")]
+    NothingAnalysed,
+    /// The database or the blob folders failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// Analyses the pixels of a stored ImagingStudy and stores the report. `bundle` maps
 /// `Type/id` of the resources stored with it (to find an Endpoint in the same Bundle).
 ///
 /// # Errors
-/// A message saying why there is no report (no pixels found, fetch failed, analysis failed).
+/// [`StudyError`]: why there is no report (no pixels found, fetch failed, analysis failed).
 pub async fn analyse_imaging_study(
-    state: &AppState,
+    jobs: &Jobs,
     study: &Stored,
     bundle: &HashMap<String, Value>,
-) -> Result<Vec<Stored>, String> {
+) -> Result<Vec<Stored>, StudyError> {
     let u = uids(&study.body);
     let wanted: Vec<String> = u.series.iter().flat_map(|(_, s)| s.clone()).collect();
     // 1. instances already here
@@ -202,11 +192,7 @@ pub async fn analyse_imaging_study(
             limit: 1000,
             ..Query::default()
         };
-        let found = state
-            .store
-            .search_instances(&q)
-            .await
-            .map_err(|e| e.to_string())?;
+        let found = jobs.store.search_instances(&q).await?;
         have = found
             .into_iter()
             .map(|i| i.sop_instance_uid)
@@ -214,7 +200,7 @@ pub async fn analyse_imaging_study(
             .collect();
     } else {
         for sop in &wanted {
-            if state.store.instance(sop).await.ok().flatten().is_some() {
+            if jobs.store.instance(sop).await.ok().flatten().is_some() {
                 have.push(sop.clone());
             }
         }
@@ -222,26 +208,28 @@ pub async fn analyse_imaging_study(
     // 2. an image attached in the same Bundle (Binary or Media), when nothing is stored
     let need_more = have.is_empty() || wanted.iter().any(|s| !have.contains(s));
     let endpoint = if need_more {
-        wado_base(state, &study.body, bundle).await
+        wado_base(jobs, &study.body, bundle).await
     } else {
         None
     };
     if have.is_empty() && endpoint.is_none() {
         if let Some((bytes, media)) = attached_image(bundle) {
-            return analyse_attached(state, study, bytes, media).await;
+            return analyse_attached(jobs, study, bytes, media).await;
         }
     }
     // 3. the rest by WADO-RS from the study's endpoint (their analysis jobs are claimed by this
     //    process: the one analysed below finishes its job, the others are released to workers)
-    let mut fetch_note = None;
+    let mut fetch_note: Option<StudyError> = None;
     let mut claimed: HashMap<String, Accepted> = HashMap::new();
     if need_more {
         match (endpoint, &u.study) {
             (Some(_), Some(study_uid))
                 if !is_uid(study_uid)
-                    || u.series.iter().any(|(se, sops)| !is_uid(se) || sops.iter().any(|x| !is_uid(x))) =>
+                    || u.series
+                        .iter()
+                        .any(|(se, sops)| !is_uid(se) || sops.iter().any(|x| !is_uid(x))) =>
             {
-                fetch_note = Some("the ImagingStudy's UIDs are not DICOM UIDs; nothing fetched".into());
+                fetch_note = Some(StudyError::NotUids);
             }
             (Some(base), Some(study_uid)) => {
                 let paths: Vec<String> = if wanted.is_empty() {
@@ -257,7 +245,7 @@ pub async fn analyse_imaging_study(
                         .collect()
                 };
                 for p in paths {
-                    match fetch_and_ingest(state, &base, &p).await {
+                    match fetch_and_ingest(jobs, &base, &p).await {
                         Ok(got) => {
                             for a in got {
                                 have.push(a.index.sop_instance_uid.clone());
@@ -268,44 +256,41 @@ pub async fn analyse_imaging_study(
                     }
                 }
             }
-            (None, _) if have.is_empty() => return Err(
-                "no instance of this study is stored here, it names no dicom-wado-rs Endpoint, and its Bundle holds no Binary or Media image"
-                    .into(),
-            ),
-            (_, None) if have.is_empty() => {
-                return Err(
-                    "the ImagingStudy has no Study Instance UID identifier (system urn:dicom:uid)"
-                        .into(),
-                )
-            }
+            (None, _) if have.is_empty() => return Err(StudyError::NoPixels),
+            (_, None) if have.is_empty() => return Err(StudyError::NoStudyUid),
             _ => {}
         }
     }
     // 4. analyse the first instance that routes to a model
-    let mut last_err = fetch_note.unwrap_or_else(|| "no instance could be analysed".into());
+    let mut last_err = fetch_note.unwrap_or(StudyError::NothingAnalysed);
     let mut analysis = None;
     for sop in &have {
         let result = match claimed.remove(sop) {
-            Some(accepted) => state.ingest.process_claimed(&accepted, None).await,
-            None => state.ingest.process(sop, None).await,
+            Some(accepted) => jobs.analyse_claimed(&accepted, None).await,
+            None => jobs.ingest.process(sop, None).await,
         };
         match result {
             Ok(a) => {
                 analysis = Some(a);
                 break;
             }
-            Err(e) => last_err = format!("{sop}: {e}"),
+            Err(source) => {
+                last_err = StudyError::Instance {
+                    sop: sop.clone(),
+                    source,
+                }
+            }
         }
     }
-    let owner = &state.ingest.job_settings().owner;
+    let owner = &jobs.settings.owner;
     for job in claimed.values().filter_map(|a| a.job.as_deref()) {
-        if let Err(e) = state.store.release_job(job, owner).await {
+        if let Err(e) = jobs.store.release_job(job, owner).await {
             tracing::warn!(error = %e, "cannot release an analysis job (its lease will expire)");
         }
     }
-    state.ingest.wake().notify_one();
+    jobs.wake();
     match analysis {
-        Some(a) => store_report(state, study, &a.bundle).await,
+        Some(a) => store_report(jobs, study, &a.bundle).await,
         None => Err(last_err),
     }
 }
@@ -336,48 +321,30 @@ fn attached_image(bundle: &HashMap<String, Value>) -> Option<(Bytes, MediaType)>
 /// Analyses an attached image: DICOM goes through ingest like any instance, PNG/JPEG straight
 /// to the first image model.
 async fn analyse_attached(
-    state: &AppState,
+    jobs: &Jobs,
     study: &Stored,
     bytes: Bytes,
     media: MediaType,
-) -> Result<Vec<Stored>, String> {
+) -> Result<Vec<Stored>, StudyError> {
     let analysis = if media == MediaType::Dicom {
-        let accepted = state
-            .ingest
-            .receive_claimed(bytes, Source::Api)
-            .await
-            .map_err(|e| e.to_string())?;
-        state
-            .ingest
-            .process_claimed(&accepted, None)
-            .await
-            .map_err(|e| e.to_string())?
+        let accepted = jobs.ingest.receive_claimed(bytes, Source::Api).await?;
+        jobs.analyse_claimed(&accepted, None).await?
     } else {
-        let model = state
-            .models
-            .image_model(None)
-            .ok_or("no image model is loaded")?
-            .clone();
-        let a = crate::pipeline::analyse(model, bytes, media, |_| None)
-            .await
-            .map_err(|e| e.to_string())?;
-        state
-            .store
-            .save_analysis(&a, "fhir")
-            .await
-            .map_err(|e| e.to_string())?;
+        let model = jobs.models.image_model(None).ok_or(StudyError::NoModel)?;
+        let a = crate::pipeline::analyse(model.clone(), bytes, media, |_| None).await?;
+        jobs.store.save_analysis(&a, "fhir").await?;
         a
     };
-    store_report(state, study, &analysis.bundle).await
+    store_report(jobs, study, &analysis.bundle).await
 }
 
 /// Stores the analysis Bundle's resources with references to the ImagingStudy, its subject
 /// and its orders; ids come from the analysis, so a re-run updates instead of duplicating.
 async fn store_report(
-    state: &AppState,
+    jobs: &Jobs,
     study: &Stored,
     report_bundle: &Value,
-) -> Result<Vec<Stored>, String> {
+) -> Result<Vec<Stored>, StudyError> {
     let study_ref = json!({"reference": format!("ImagingStudy/{}", study.id)});
     let subject = study.body.get("subject").cloned();
     let based_on = study.body.get("basedOn").cloned();
@@ -430,9 +397,5 @@ async fn store_report(
             if_match: None,
         });
     }
-    state
-        .store
-        .fhir_write(writes)
-        .await
-        .map_err(|e| e.to_string())
+    Ok(jobs.store.fhir_write(writes).await?)
 }
