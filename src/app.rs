@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use crate::analysis::{routes_or_default, Analyser};
 use crate::auth::{AuthMode, Authorizer};
 use crate::config::Settings;
 use crate::dicom::export::Exporter;
@@ -62,22 +63,24 @@ impl App {
         );
         // one lease owner name for this process: ingest's claimed jobs and the workers' are alike
         let job_settings = settings.jobs.worker();
-        let ingest = Ingest::new(
-            store.clone(),
-            models.clone(),
-            settings.dicom.routes.clone(),
-            settings.dicom.min_free_mb,
-            settings.public_url.clone(),
-        )
-        .with_exporter(exporter.clone())
-        .with_queue(job_settings.queue_options(), settings.jobs.max_backlog);
+        let routes = Arc::new(routes_or_default(settings.dicom.routes.clone(), &models));
+        let ingest = Ingest::new(store.clone(), routes.clone(), settings.dicom.min_free_mb)
+            .with_queue(job_settings.queue_options(), settings.jobs.max_backlog);
         let risk = RiskService::new(&models.tabular, &settings.risk)
             .map_err(anyhow::Error::msg)?
             .map(Arc::new);
+        let analyser = Analyser::new(
+            store.clone(),
+            models.clone(),
+            routes,
+            settings.public_url.clone(),
+        )
+        .with_exporter(exporter.clone());
         let jobs = Jobs::new(
             store.clone(),
             models.clone(),
             ingest.clone(),
+            analyser,
             risk.clone(),
             outbound.clone(),
             job_settings,

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
+use crate::analysis::pipeline::{self, Analysis};
 use crate::config::Settings;
 use crate::imaging::MediaType;
 use crate::inference::{ExecutionProvider, ImageModel, LoadOptions, Registry, SessionOptions};
-use crate::pipeline::{self, Analysis};
 use crate::render::npy;
 
 /// Carina: AI models in hospital workflows (demo models, not for clinical use).

@@ -22,6 +22,7 @@
 //! - [`outbound`]: the one outbound HTTP client: allow-list, address guard, size caps, deadlines.
 //! - [`metrics`]: Prometheus metrics.
 
+pub mod analysis;
 pub mod api;
 pub mod app;
 pub mod audit;
@@ -36,7 +37,6 @@ pub mod ingest;
 pub mod jobs;
 pub mod metrics;
 pub mod outbound;
-pub mod pipeline;
 pub mod render;
 pub mod report;
 pub mod risk;

@@ -331,7 +331,7 @@ async fn wait_state(app: &Router, sop: &str) -> Value {
 #[tokio::test]
 async fn stored_instances_are_analysed_once_with_a_secondary_capture_in_the_study() {
     let t = common::test_app(64 * MB).await;
-    let (app, ingest) = (t.router.clone(), t.ingest());
+    let app = t.router.clone();
     let (study, _, sop) = uids(COVID);
     for _ in 0..2 {
         // the re-send is acknowledged and changes nothing
@@ -433,7 +433,7 @@ async fn stored_instances_are_analysed_once_with_a_secondary_capture_in_the_stud
     assert_eq!(json(&b)["resourceType"], "Bundle");
 
     // processing again (a crash between steps, a re-run) makes nothing new
-    let again = ingest.process(&sop, None).await.unwrap();
+    let again = t.state().jobs.analyser().process(&sop, None).await.unwrap();
     assert_eq!(
         format!("http://carina.test/v1/results/{}", again.id),
         result_url,

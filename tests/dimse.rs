@@ -14,7 +14,7 @@ use carina::ingest::dimse;
 use carina::ingest::Ingest;
 use serde_json::{json, Value};
 
-use common::{registry_async, root};
+use common::root;
 
 struct Scp {
     addr: SocketAddr,
@@ -34,21 +34,26 @@ async fn scp(settings: DicomSettings, min_free_mb: u64) -> Scp {
 }
 
 async fn scp_with_limit(settings: DicomSettings, min_free_mb: u64, max_instance: usize) -> Scp {
-    let dir = tempfile::tempdir().unwrap();
-    let store = common::store(dir.path()).await;
-    let ingest = Ingest::new(store, registry_async().await, Vec::new(), min_free_mb, None);
+    let t = common::TestApp::builder()
+        .configure(|s| {
+            s.dicom = settings;
+            s.dicom.min_free_mb = min_free_mb;
+        })
+        .build()
+        .await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let ingest = t.ingest();
     let task = tokio::spawn(dimse::serve(
         listener,
-        settings.scp_options(max_instance),
+        t.settings.dicom.scp_options(max_instance),
         ingest.clone(),
         std::future::pending(),
     ));
     Scp {
         addr,
         ingest,
-        _dir: dir,
+        _dir: t.dir,
         task,
     }
 }

@@ -12,9 +12,9 @@ use uuid::Uuid;
 
 use super::base_url;
 use super::error::{body_error, ApiError};
+use crate::analysis::pipeline;
 use crate::app::AppState;
 use crate::imaging::MediaType;
-use crate::pipeline;
 use crate::store::Source;
 
 /// Query of `POST /v1/analyze`.
@@ -80,7 +80,7 @@ pub async fn analyze(
             Some(format!("{base}/v1/results/{id}/overlay.png"))
         })
         .await?;
-        state.store.save_analysis(&a, "api").await?;
+        state.store.save_analysis(&a.record(), "api").await?;
         a
     };
     let mut r = (StatusCode::OK, analysis.bundle.to_string()).into_response();

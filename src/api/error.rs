@@ -6,8 +6,8 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::analysis::pipeline::AnalyseError;
 use crate::imaging::DecodeError;
-use crate::pipeline::AnalyseError;
 use crate::store::StoreError;
 
 /// An error answered as an OperationOutcome.
@@ -103,9 +103,9 @@ impl From<crate::ingest::IngestError> for ApiError {
     }
 }
 
-impl From<crate::ingest::ProcessError> for ApiError {
-    fn from(e: crate::ingest::ProcessError) -> Self {
-        use crate::ingest::ProcessError as E;
+impl From<crate::analysis::ProcessError> for ApiError {
+    fn from(e: crate::analysis::ProcessError) -> Self {
+        use crate::analysis::ProcessError as E;
         match e {
             E::Analyse(a) => a.into(),
             E::Parse(_) | E::Skipped(_) => {

@@ -15,10 +15,10 @@ use uuid::Uuid;
 
 use super::base_url;
 use super::error::{ApiError, LegacyError};
+use crate::analysis::pipeline::{self, Analysis};
 use crate::app::AppState;
 use crate::imaging::MediaType;
 use crate::inference::ImageModel;
-use crate::pipeline::{self, Analysis};
 
 const COVID: &str = "840539006";
 const PNEUMONIA: &str = "233604007";
@@ -182,7 +182,7 @@ pub async fn predict_heatmap(
     let (a, headers) = run(&state, req).await?;
     state
         .store
-        .save_analysis(&a, "legacy")
+        .save_analysis(&a.record(), "legacy")
         .await
         .map_err(|e| LegacyError::from(ApiError::from(e)))?;
     let p = &a.prediction.probabilities;

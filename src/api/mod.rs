@@ -1,5 +1,5 @@
 //! The HTTP API (axum): routes, thin handlers, error mapping. Handlers extract, call one use
-//! case ([`crate::pipeline`], [`crate::store`]) and map the answer; nothing here does maths or SQL.
+//! case ([`crate::analysis::pipeline`], [`crate::store`]) and map the answer; nothing here does maths or SQL.
 
 pub mod analyze;
 pub mod auth;

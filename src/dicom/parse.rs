@@ -210,7 +210,7 @@ fn required_uid(obj: &DefaultDicomObject, tag: Tag, name: &str) -> Result<String
     }
 }
 
-fn index_of(obj: &DefaultDicomObject) -> Result<InstanceIndex, ParseError> {
+pub fn index_of(obj: &DefaultDicomObject) -> Result<InstanceIndex, ParseError> {
     let sop_instance_uid = required_uid(obj, tags::SOP_INSTANCE_UID, "SOP Instance UID")?;
     let sop_class_uid = required_uid(obj, tags::SOP_CLASS_UID, "SOP Class UID")?;
     let study_uid = required_uid(obj, tags::STUDY_INSTANCE_UID, "Study Instance UID")?;

@@ -55,7 +55,7 @@ pub fn result_uid(source_sop: &str, model: (&str, &str)) -> String {
 ///
 /// # Errors
 /// [`ScError`] when encoding fails.
-pub fn secondary_capture(inp: &ScInput<'_>) -> Result<Vec<u8>, ScError> {
+pub fn secondary_capture(inp: &ScInput<'_>) -> Result<ScResult, ScError> {
     let src = inp.source;
     let text = |tag: Tag| {
         src.element_opt(tag)
@@ -276,10 +276,21 @@ pub fn secondary_capture(inp: &ScInput<'_>) -> Result<Vec<u8>, ScError> {
         .build()
         .map_err(|e| ScError(e.to_string()))?;
     let file = obj.with_exact_meta(meta);
-    let mut out = Vec::new();
-    file.write_all(&mut out)
+    let index = super::parse::index_of(&file).map_err(|e| ScError(e.to_string()))?;
+    let mut part10 = Vec::new();
+    file.write_all(&mut part10)
         .map_err(|e| ScError(e.to_string()))?;
-    Ok(out)
+    Ok(ScResult { part10, index })
+}
+
+/// A Secondary Capture result: the Part 10 file and its index (read from the object built,
+/// not from parsing the file again).
+#[derive(Debug)]
+pub struct ScResult {
+    /// The Part 10 file.
+    pub part10: Vec<u8>,
+    /// Its attributes.
+    pub index: super::InstanceIndex,
 }
 
 fn truncate(s: &str, n: usize) -> String {

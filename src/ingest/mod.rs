@@ -1,12 +1,8 @@
-//! The one way DICOM enters Carina, whatever the transport (STOW-RS, DIMSE C-STORE,
-//! `/v1/analyze`): parse and check → refuse when storage is short → write the file durably →
-//! commit its row with its analysis state → wake the analysis worker. Success is answered only
-//! after the row is committed, so an acknowledged instance survives a crash; pending analyses
-//! are picked up again at start-up.
-//!
-//! The analysis of an instance (routing → model → FHIR report → Secondary Capture result) uses
-//! ids derived from the SOP Instance UID and the model, so running it twice (a re-send, a crash
-//! between steps) makes the same report and the same Secondary Capture, never a second one.
+//! The one way DICOM enters Carina, whatever the transport (STOW-RS, DIMSE C-STORE ([`dimse`]),
+//! `/v1/analyze`, WADO-RS fetches): parse and check → refuse when storage or the queue is short
+//! → write the file durably → commit its row with its analysis job → wake the workers. Nothing
+//! else: the analysis is the [`crate::analysis`] stage, run by the jobs room. Success is
+//! answered only after the row is committed, so an acknowledged instance survives a crash.
 
 pub mod dimse;
 
@@ -15,16 +11,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::Notify;
-use uuid::Uuid;
 
-use crate::dicom::export::Exporter;
 use crate::dicom::parse::ParsedInstance;
 use crate::dicom::routing::{self, Decision, Route};
-use crate::dicom::sc::{self, ScInput};
 use crate::dicom::{parse_instance, status, InstanceIndex, ParseError};
-use crate::imaging::MediaType;
-use crate::inference::Registry;
-use crate::pipeline::{self, AnalyseError, Analysis};
 use crate::store::{JobKind, NewJob, Source, Store, StoreError};
 
 /// How ingest enqueues analysis jobs: the attempts they get, and (for an analysis the caller
@@ -112,75 +102,27 @@ pub struct Accepted {
     pub job: Option<String>,
 }
 
-/// Why an analysis did not happen.
-#[derive(Debug, thiserror::Error)]
-pub enum ProcessError {
-    /// The instance is not stored.
-    #[error("instance not found")]
-    NotFound,
-    /// The routing or the model refused it (stored as skipped).
-    #[error("{0}")]
-    Skipped(String),
-    /// Analysis failed.
-    #[error(transparent)]
-    Analyse(#[from] AnalyseError),
-    /// Storage failed.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// The stored file no longer parses.
-    #[error(transparent)]
-    Parse(#[from] ParseError),
-    /// The result instance could not be built.
-    #[error(transparent)]
-    Sc(#[from] sc::ScError),
-}
-
-impl ProcessError {
-    /// Whether another attempt may succeed (storage trouble; not a failed analysis).
-    pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Store(_))
-    }
-}
-
-/// The ingest and analysis service.
+/// The way in for DICOM, whatever the transport. Cheap to clone.
 #[derive(Clone)]
 pub struct Ingest {
     store: Store,
-    models: Arc<Registry>,
     routes: Arc<Vec<Route>>,
     min_free_bytes: u64,
-    public_url: Option<String>,
     wake: Arc<Notify>,
-    exporter: Option<Exporter>,
     queue: Arc<QueueOptions>,
     max_backlog: i64,
 }
 
 impl Ingest {
-    /// Builds the service; `routes` empty means the default chest X-ray route.
-    pub fn new(
-        store: Store,
-        models: Arc<Registry>,
-        routes: Vec<Route>,
-        min_free_mb: u64,
-        public_url: Option<String>,
-    ) -> Self {
-        let routes = if routes.is_empty() {
-            models
-                .image_model(None)
-                .map(|m| routing::default_routes(&m.manifest.name))
-                .unwrap_or_default()
-        } else {
-            routes
-        };
+    /// Ingest into `store`; `routes` decide which instances get an analysis job (the
+    /// analysis stage routes with the same ones); below `min_free_mb` of free space new
+    /// instances are refused.
+    pub fn new(store: Store, routes: Arc<Vec<Route>>, min_free_mb: u64) -> Self {
         Self {
             store,
-            models,
-            routes: Arc::new(routes),
+            routes,
             min_free_bytes: min_free_mb.saturating_mul(1024 * 1024),
-            public_url,
             wake: Arc::new(Notify::new()),
-            exporter: None,
             queue: Arc::new(QueueOptions::default()),
             max_backlog: 10_000,
         }
@@ -214,13 +156,6 @@ impl Ingest {
             dedupe: Some(format!("analyse:{sop}")),
             max_attempts: self.queue.max_attempts,
         }
-    }
-
-    /// Sends each Secondary Capture result to the exporter's destinations.
-    #[must_use]
-    pub fn with_exporter(mut self, exporter: Exporter) -> Self {
-        self.exporter = Some(exporter);
-        self
     }
 
     /// The store.
@@ -307,7 +242,6 @@ impl Ingest {
                 source,
                 state,
                 reason.as_deref(),
-                None,
                 job.as_ref().map(|j| (j, None)),
             )
             .await?;
@@ -338,7 +272,6 @@ impl Ingest {
             source,
             "running",
             Some("analysis requested"),
-            None,
             Some((&job, Some(lease))),
         )
         .await
@@ -350,22 +283,18 @@ impl Ingest {
         source: Source,
         state: &str,
         reason: Option<&str>,
-        result_of: Option<&str>,
         job: Option<(&NewJob, Option<(&str, Duration)>)>,
     ) -> Result<Accepted, IngestError> {
         let ix = parsed.index;
         if let Some(stored) = self.store.instance(&ix.sop_instance_uid).await? {
-            // a re-send is idempotent only with the same data set (Carina's own results are
-            // re-made on re-runs and always match by their derived UIDs)
-            if result_of.is_none() {
-                let old = self.store.instance_file(&stored).await?;
-                let same = old.as_deref().is_none_or(|old| {
-                    crate::dicom::parse::data_set_of(old)
-                        == crate::dicom::parse::data_set_of(&parsed.part10)
-                });
-                if !same {
-                    return Err(IngestError::Duplicate(Box::new(ix)));
-                }
+            // a re-send is idempotent only with the same data set
+            let old = self.store.instance_file(&stored).await?;
+            let same = old.as_deref().is_none_or(|old| {
+                crate::dicom::parse::data_set_of(old)
+                    == crate::dicom::parse::data_set_of(&parsed.part10)
+            });
+            if !same {
+                return Err(IngestError::Duplicate(Box::new(ix)));
             }
             return Ok(Accepted {
                 index: ix,
@@ -373,128 +302,19 @@ impl Ingest {
                 job: None,
             });
         }
-        // Carina's own results are always kept: refusing them would lose finished work
-        if result_of.is_none() {
-            if let Some(why) = self.refusal().await? {
-                return Err(IngestError::OutOfResources(why));
-            }
+        if let Some(why) = self.refusal().await? {
+            return Err(IngestError::OutOfResources(why));
         }
         let size = parsed.part10.len();
         self.store.put_instance_file(&ix, parsed.part10).await?;
         let (new, job_id) = self
             .store
-            .insert_instance(&ix, size, source, state, reason, result_of, job)
+            .insert_instance(&ix, size, source, state, reason, None, job)
             .await?;
         Ok(Accepted {
             index: ix,
             new,
             job: job_id,
         })
-    }
-
-    /// Analyses a stored instance now (routing decides the model unless `model` is given),
-    /// stores the report and the Secondary Capture, and records the state. Idempotent.
-    ///
-    /// # Errors
-    /// [`ProcessError`]; the instance's state records skips and failures.
-    pub async fn process(&self, sop: &str, model: Option<&str>) -> Result<Analysis, ProcessError> {
-        let result = self.process_inner(sop, model).await;
-        let (state, reason, id) = match &result {
-            Ok(a) => (
-                "done",
-                Some(format!("analysed by {}", a.model.manifest.name)),
-                Some(a.id.to_string()),
-            ),
-            Err(ProcessError::NotFound) => return result,
-            Err(ProcessError::Skipped(why)) => ("skipped", Some(why.clone()), None),
-            Err(e) => ("failed", Some(e.to_string()), None),
-        };
-        self.store
-            .set_analysis_state(sop, state, reason.as_deref(), id.as_deref())
-            .await?;
-        result
-    }
-
-    async fn process_inner(
-        &self,
-        sop: &str,
-        model: Option<&str>,
-    ) -> Result<Analysis, ProcessError> {
-        let ix = self
-            .store
-            .instance(sop)
-            .await?
-            .ok_or(ProcessError::NotFound)?;
-        let file = self
-            .store
-            .instance_file(&ix)
-            .await?
-            .ok_or(ProcessError::NotFound)?;
-        let file = Bytes::from(file);
-        let parsed = {
-            let f = file.clone();
-            tokio::task::spawn_blocking(move || parse_instance(&f))
-                .await
-                .map_err(|e| ParseError::Unreadable(e.to_string()))??
-        };
-        let (name, frame) = match (model, routing::route(&self.routes, &ix, parsed.has_pixels)) {
-            (Some(m), _) => (m.to_string(), 0),
-            (None, Decision::Analyse { model, frame }) => (model, frame),
-            (None, Decision::Skip(why)) => return Err(ProcessError::Skipped(why)),
-        };
-        let model = self
-            .models
-            .image_model(Some(&name))
-            .ok_or_else(|| ProcessError::Skipped(format!("model {name} is not loaded")))?
-            .clone();
-        let version = (model.manifest.name.clone(), model.manifest.version.clone());
-        let id = Uuid::new_v5(
-            &Uuid::NAMESPACE_OID,
-            format!("carina/analysis/{sop}/{}/{}/{frame}", version.0, version.1).as_bytes(),
-        );
-        let base = self.public_url.clone();
-        let analysis =
-            pipeline::analyse_with(model, file, MediaType::Dicom, id, frame, move |id| {
-                base.as_ref()
-                    .map(|b| format!("{}/v1/results/{id}/overlay.png", b.trim_end_matches('/')))
-            })
-            .await?;
-        self.store.save_analysis(&analysis, "dicom").await?;
-        if let Some(png) = &analysis.overlay_png {
-            let overlay = image::load_from_memory_with_format(png, image::ImageFormat::Png)
-                .map_err(|e| sc::ScError::from_display(&e))?
-                .to_rgb8();
-            let p = analysis.prediction.probabilities[analysis.prediction.class];
-            let summary = format!("{} {:.1}%", analysis.label_display(), p * 100.0);
-            let bytes = sc::secondary_capture(&ScInput {
-                source: &parsed.object,
-                overlay: &overlay,
-                model: (&version.0, &version.1),
-                summary: &summary,
-                created: analysis.created,
-            })?;
-            let result = tokio::task::spawn_blocking(move || parse_instance(&bytes))
-                .await
-                .map_err(|e| ParseError::Unreadable(e.to_string()))??;
-            let stored = self
-                .store_parsed(
-                    result,
-                    Source::Result,
-                    "skipped",
-                    Some("Carina result (Secondary Capture): not analysed"),
-                    Some(sop),
-                    None,
-                )
-                .await
-                .map_err(|e| match e {
-                    IngestError::Store(s) => ProcessError::Store(s),
-                    other => ProcessError::Skipped(other.to_string()),
-                })?;
-            if let Some(x) = &self.exporter {
-                // queued once per destination, whether this run or an earlier one stored it
-                x.enqueue(&stored.index.sop_instance_uid).await?;
-            }
-        }
-        Ok(analysis)
     }
 }

@@ -13,10 +13,11 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 
+use crate::analysis::pipeline::Analysis;
+use crate::analysis::{Analyser, ProcessError};
 use crate::inference::Registry;
-use crate::ingest::{Accepted, Ingest, ProcessError};
+use crate::ingest::{Accepted, Ingest};
 use crate::outbound::Outbound;
-use crate::pipeline::Analysis;
 use crate::risk::RiskService;
 use crate::store::fhir::Stored;
 pub use crate::store::{Job, JobKind, JobState, NewJob};
@@ -85,6 +86,7 @@ pub struct Triggered {
 pub struct Jobs {
     store: Store,
     ingest: Ingest,
+    analyser: Analyser,
     risk: Option<Arc<RiskService>>,
     outbound: Outbound,
     models: Arc<Registry>,
@@ -95,16 +97,19 @@ pub struct Jobs {
 impl Jobs {
     /// The jobs of `store`'s queue, run with `ingest` (DICOM), `risk` (when a tabular model is
     /// loaded) and `outbound` (WADO-RS fetches). `ingest` shares the wake-up and settings.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Store,
         models: Arc<Registry>,
         ingest: Ingest,
+        analyser: Analyser,
         risk: Option<Arc<RiskService>>,
         outbound: Outbound,
         settings: JobSettings,
     ) -> Self {
         Self {
             models,
+            analyser,
             settings: Arc::new(settings),
             wake: ingest.wake(),
             store,
@@ -112,6 +117,11 @@ impl Jobs {
             risk,
             outbound,
         }
+    }
+
+    /// The analysis stage the jobs run.
+    pub fn analyser(&self) -> &Analyser {
+        &self.analyser
     }
 
     /// How jobs are leased and retried.
@@ -214,7 +224,7 @@ impl Jobs {
         match job.kind {
             JobKind::Analyse => {
                 let model = job.payload.get("model").and_then(Value::as_str);
-                analysis_result(self.ingest.process(&job.subject, model).await)
+                analysis_result(self.analyser.process(&job.subject, model).await)
             }
             JobKind::ImagingStudy => self.run_imaging_study(job).await,
             JobKind::Risk => Ok(self.run_risk(&job.subject).await),
@@ -225,14 +235,14 @@ impl Jobs {
     /// this process) and records the job's outcome like a worker would.
     ///
     /// # Errors
-    /// As [`Ingest::process`].
+    /// As [`Analyser::process`].
     pub async fn analyse_claimed(
         &self,
         accepted: &Accepted,
         model: Option<&str>,
     ) -> Result<Analysis, ProcessError> {
         let result = self
-            .ingest
+            .analyser
             .process(&accepted.index.sop_instance_uid, model)
             .await;
         if let Some(job) = &accepted.job {

@@ -10,12 +10,13 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 
 use super::Jobs;
+use crate::analysis::pipeline::AnalyseError;
+use crate::analysis::ProcessError;
 use crate::fhir::index::normalise_reference;
 use crate::imaging::MediaType;
 use crate::ingest::Accepted;
-use crate::ingest::{IngestError, ProcessError};
+use crate::ingest::IngestError;
 use crate::outbound::wado::WadoError;
-use crate::pipeline::AnalyseError;
 use crate::store::fhir::{Stored, Write};
 use crate::store::StoreError;
 use crate::store::{Query, Source};
@@ -267,7 +268,7 @@ pub async fn analyse_imaging_study(
     for sop in &have {
         let result = match claimed.remove(sop) {
             Some(accepted) => jobs.analyse_claimed(&accepted, None).await,
-            None => jobs.ingest.process(sop, None).await,
+            None => jobs.analyser.process(sop, None).await,
         };
         match result {
             Ok(a) => {
@@ -331,8 +332,8 @@ async fn analyse_attached(
         jobs.analyse_claimed(&accepted, None).await?
     } else {
         let model = jobs.models.image_model(None).ok_or(StudyError::NoModel)?;
-        let a = crate::pipeline::analyse(model.clone(), bytes, media, |_| None).await?;
-        jobs.store.save_analysis(&a, "fhir").await?;
+        let a = crate::analysis::pipeline::analyse(model.clone(), bytes, media, |_| None).await?;
+        jobs.store.save_analysis(&a.record(), "fhir").await?;
         a
     };
     store_report(jobs, study, &analysis.bundle).await

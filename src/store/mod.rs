@@ -23,8 +23,6 @@ pub use instances::{InstanceStatus, Query, Source, StudyHit};
 pub use jobs::{Clock, Job, JobKind, JobState, NewJob};
 pub use sql::Dialect;
 
-use crate::pipeline::Analysis;
-
 /// Store failures (server-side).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -112,6 +110,29 @@ pub struct ResultRow {
     pub probabilities: serde_json::Value,
     /// Heatmap method.
     pub cam_method: String,
+}
+
+/// An analysis to keep: its summary row and its blobs (report Bundle, input and overlay PNGs).
+#[derive(Debug)]
+pub struct NewAnalysis<'a> {
+    /// Id (also the DiagnosticReport id).
+    pub id: Uuid,
+    /// Finish time.
+    pub created: chrono::DateTime<chrono::Utc>,
+    /// Model name and version.
+    pub model: (&'a str, &'a str),
+    /// Winning label key and display.
+    pub label: (&'a str, &'a str),
+    /// `{label key: probability}`.
+    pub probabilities: serde_json::Value,
+    /// Heatmap method.
+    pub cam_method: &'a str,
+    /// The FHIR Bundle.
+    pub bundle: &'a serde_json::Value,
+    /// The decoded original as PNG.
+    pub input_png: &'a [u8],
+    /// The overlay PNG.
+    pub overlay_png: Option<&'a [u8]>,
 }
 
 /// Database + blobs.
@@ -239,13 +260,13 @@ impl Store {
     ///
     /// # Errors
     /// [`StoreError`] when anything could not be made durable.
-    pub async fn save_analysis(&self, a: &Analysis, source: &str) -> Result<(), StoreError> {
+    pub async fn save_analysis(&self, a: &NewAnalysis<'_>, source: &str) -> Result<(), StoreError> {
         let id = a.id.to_string();
-        let bundle = serde_json::to_vec(&a.bundle)?;
+        let bundle = serde_json::to_vec(a.bundle)?;
         let mut files: Vec<(&str, Vec<u8>)> =
-            vec![("bundle.json", bundle), ("input.png", a.input_png.clone())];
-        if let Some(o) = &a.overlay_png {
-            files.push(("overlay.png", o.clone()));
+            vec![("bundle.json", bundle), ("input.png", a.input_png.to_vec())];
+        if let Some(o) = a.overlay_png {
+            files.push(("overlay.png", o.to_vec()));
         }
         let blobs = self.blobs.clone();
         let dir = id.clone();
@@ -263,12 +284,12 @@ impl Store {
         )
         .bind(&id)
         .bind(a.created.to_rfc3339())
-        .bind(&a.model.manifest.name)
-        .bind(&a.model.manifest.version)
-        .bind(a.label_key())
-        .bind(a.label_display())
-        .bind(serde_json::to_string(&a.probabilities_json())?)
-        .bind(a.cam_method().as_str())
+        .bind(a.model.0)
+        .bind(a.model.1)
+        .bind(a.label.0)
+        .bind(a.label.1)
+        .bind(serde_json::to_string(&a.probabilities)?)
+        .bind(a.cam_method)
         .bind(source)
         .execute(&self.pool)
         .await?;

@@ -35,6 +35,8 @@ pub struct Analysis {
     pub input_png: Vec<u8>,
     /// The overlay PNG, when a map was made.
     pub overlay_png: Option<Vec<u8>>,
+    /// The overlay's pixels (for a DICOM result made from it: never decoded back from PNG).
+    pub overlay: Option<image::RgbImage>,
     /// The FHIR Bundle.
     pub bundle: Value,
     /// DICOM identifiers when the input was DICOM.
@@ -60,6 +62,21 @@ impl Analysis {
             .cam
             .as_ref()
             .map_or(CamMethod::None, |c| c.method)
+    }
+
+    /// What the store keeps of it.
+    pub fn record(&self) -> crate::store::NewAnalysis<'_> {
+        crate::store::NewAnalysis {
+            id: self.id,
+            created: self.created,
+            model: (&self.model.manifest.name, &self.model.manifest.version),
+            label: (self.label_key(), self.label_display()),
+            probabilities: serde_json::Value::Object(self.probabilities_json()),
+            cam_method: self.cam_method().as_str(),
+            bundle: &self.bundle,
+            input_png: &self.input_png,
+            overlay_png: self.overlay_png.as_deref(),
+        }
     }
 
     /// `{label key: probability}`.
@@ -259,13 +276,15 @@ fn finish(
     timings.push(("gradcam", ms(t)));
     crate::metrics::global().observe_gradcam(&model.manifest.name, t.elapsed().as_secs_f64());
     let t = Instant::now();
-    let overlay_png = match &prediction.cam {
+    let (overlay_png, overlay_rgb) = match &prediction.cam {
         Some(cam) => {
             let heat = overlay::upsample(cam, &geometry, image.width(), image.height());
             let blended = DynamicImage::ImageRgb8(overlay::blend(&image, &heat, OVERLAY_ALPHA));
-            Some(overlay::encode_png(&blended).map_err(|e| AnalyseError::Task(e.to_string()))?)
+            let png =
+                overlay::encode_png(&blended).map_err(|e| AnalyseError::Task(e.to_string()))?;
+            (Some(png), Some(blended.into_rgb8()))
         }
-        None => None,
+        None => (None, None),
     };
     timings.push(("overlay", ms(t)));
     let t = Instant::now();
@@ -297,6 +316,7 @@ fn finish(
         prediction,
         input_png,
         overlay_png,
+        overlay: overlay_rgb,
         bundle,
         dicom,
         timings,
