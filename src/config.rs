@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::dicom::export::Destination;
 use crate::dicom::routing::Route;
 use crate::inference::ExecutionProvider;
+use crate::outbound::export::Destination;
 
 /// Every setting of `carina serve` / `carina predict`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -57,7 +57,7 @@ pub struct Settings {
     pub audit: crate::audit::AuditSettings,
     /// HTTP server limits (`[http_limits]`): head and body deadlines, connections, requests in
     /// flight.
-    pub http_limits: crate::api::serve::HttpLimits,
+    pub http_limits: HttpLimits,
     /// Host header values links may be built from when `public_url` is unset (loopback names
     /// are always allowed).
     pub allowed_hosts: Vec<String>,
@@ -116,6 +116,34 @@ impl JobsSettings {
                 std::time::Duration::from_secs(self.keep_done_days.saturating_mul(86_400))
             }),
             deadline: std::time::Duration::from_secs(self.deadline_secs.max(1)),
+        }
+    }
+}
+
+/// `[http_limits]`: what the HTTP server ([`crate::api::serve`]) gives each client.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpLimits {
+    /// Seconds a client has to send a request's head (request line and headers).
+    pub header_timeout_secs: u64,
+    /// Seconds a request body may pause between chunks before the request answers 408.
+    pub body_idle_secs: u64,
+    /// Open connections; more wait in the listen queue.
+    pub max_connections: usize,
+    /// Requests handled at once; more answer 503 + `Retry-After`.
+    pub max_in_flight: usize,
+    /// Seconds in-flight requests may go on after a shutdown signal.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            header_timeout_secs: 10,
+            body_idle_secs: 30,
+            max_connections: 1024,
+            max_in_flight: 256,
+            shutdown_grace_secs: 30,
         }
     }
 }
@@ -192,7 +220,7 @@ impl Default for Settings {
             auth: crate::auth::AuthSettings::default(),
             outbound: crate::outbound::OutboundSettings::default(),
             allowed_hosts: Vec::new(),
-            http_limits: crate::api::serve::HttpLimits::default(),
+            http_limits: HttpLimits::default(),
             audit: crate::audit::AuditSettings::default(),
         }
     }

@@ -333,3 +333,56 @@ async fn an_attempt_past_its_deadline_is_retried_and_pending_keys_allow_one_queu
         "the claimed job no longer holds the pending key"
     );
 }
+
+/// The SQLite and PostgreSQL migrations define the same tables with the same columns (a column
+/// added to one dialect only would break the other store at run time).
+#[tokio::test]
+async fn sqlite_and_postgres_migrations_define_the_same_tables_and_columns() {
+    use sqlx::{Connection, Row};
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = Store::open(dir.path()).await.unwrap();
+    let admin =
+        common::pg_url().unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let pg_url = common::fresh_pg_database(&admin).await;
+    let pg = Store::connect(Some(&pg_url), dir.path()).await.unwrap();
+    drop((sqlite, pg));
+    let db = dir.path().join("carina.db");
+    let mut lite = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    let mut lite_cols = std::collections::BTreeSet::new();
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE type = 'table' \
+         AND name NOT LIKE 'sqlite_%' AND name <> '_sqlx_migrations'",
+    )
+    .fetch_all(&mut lite)
+    .await
+    .unwrap();
+    for t in &tables {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("PRAGMA table_info({t})")))
+            .fetch_all(&mut lite)
+            .await
+            .unwrap();
+        for r in rows {
+            lite_cols.insert((t.clone(), r.get::<String, _>("name")));
+        }
+    }
+    let mut pgc = sqlx::PgConnection::connect(&pg_url).await.unwrap();
+    let pg_cols: std::collections::BTreeSet<(String, String)> = sqlx::query(
+        "SELECT table_name::text AS t, column_name::text AS c FROM information_schema.columns \
+         WHERE table_schema = 'public' AND table_name <> '_sqlx_migrations'",
+    )
+    .fetch_all(&mut pgc)
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get("t"), r.get("c")))
+    .collect();
+    assert!(tables.len() >= 5, "the migrations made tables: {tables:?}");
+    let only_lite: Vec<_> = lite_cols.difference(&pg_cols).collect();
+    let only_pg: Vec<_> = pg_cols.difference(&lite_cols).collect();
+    assert!(
+        only_lite.is_empty() && only_pg.is_empty(),
+        "SQLite only: {only_lite:?}\nPostgreSQL only: {only_pg:?}"
+    );
+}

@@ -12,9 +12,9 @@ use carina::outbound::AllowEntry;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use carina::dicom::export::{Destination, DestinationKind};
 use carina::ingest::dimse;
 use carina::ingest::Ingest;
+use carina::outbound::export::{Destination, DestinationKind};
 use carina::store::Source;
 
 use common::root;

@@ -13,12 +13,12 @@ use std::sync::Arc;
 use bytes::Bytes;
 use uuid::Uuid;
 
-use crate::dicom::export::Exporter;
 use crate::dicom::routing::{self, Decision, Route};
 use crate::dicom::sc::{self, ScInput, ScResult};
 use crate::dicom::{parse_instance, ParseError};
 use crate::imaging::MediaType;
 use crate::inference::Registry;
+use crate::outbound::export::Exporter;
 use crate::store::{Source, Store, StoreError};
 use pipeline::{AnalyseError, Analysis};
 

@@ -14,39 +14,12 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use serde::{Deserialize, Serialize};
+
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use super::error::ApiError;
-
-/// `[http_limits]`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct HttpLimits {
-    /// Seconds a client has to send a request's head (request line and headers).
-    pub header_timeout_secs: u64,
-    /// Seconds a request body may pause between chunks before the request answers 408.
-    pub body_idle_secs: u64,
-    /// Open connections; more wait in the listen queue.
-    pub max_connections: usize,
-    /// Requests handled at once; more answer 503 + `Retry-After`.
-    pub max_in_flight: usize,
-    /// Seconds in-flight requests may go on after a shutdown signal.
-    pub shutdown_grace_secs: u64,
-}
-
-impl Default for HttpLimits {
-    fn default() -> Self {
-        Self {
-            header_timeout_secs: 10,
-            body_idle_secs: 30,
-            max_connections: 1024,
-            max_in_flight: 256,
-            shutdown_grace_secs: 30,
-        }
-    }
-}
+use crate::config::HttpLimits;
 
 /// Answers 503 when `max_in_flight` requests are being handled (liveness is always answered).
 async fn in_flight(State(slots): State<Arc<Semaphore>>, req: Request, next: Next) -> Response {

@@ -1,6 +1,6 @@
 //! The DIMSE message codec (PS3.7): command sets in Implicit VR Little Endian, read and
 //! written for both sides Carina plays: the C-STORE/C-ECHO SCP ([`crate::ingest::dimse`]) and
-//! the export SCU ([`crate::dicom::export`]). Only the elements Carina needs are read.
+//! the export SCU ([`crate::outbound::export`]). Only the elements Carina needs are read.
 
 use dicom_ul::pdu::{PDataValue, PDataValueType};
 use dicom_ul::Pdu;

@@ -1,11 +1,10 @@
-//! The DICOM node: parsing received instances ([`parse`]), routing them to models
-//! ([`routing`]), DICOM JSON ([`json`]), Secondary Capture results ([`sc`]) and the DIMSE
-//! C-ECHO/C-STORE service class provider ([`dimse`]) and result export to PACS
-//! destinations ([`export`]). Everything received, whatever the
-//! transport, goes through [`crate::ingest`].
+//! DICOM as data: parsing and checking instances ([`parse`], [`frame_header`]), routing them
+//! to models ([`routing`]), DICOM JSON ([`json`]), Secondary Capture results ([`sc`]), status
+//! codes ([`status`]) and the DIMSE message codec ([`dimse`]) that the SCP
+//! ([`crate::ingest::dimse`]) and the export SCU ([`crate::outbound::export`]) share. Nothing
+//! here stores, listens or calls out.
 
 pub mod dimse;
-pub mod export;
 pub mod frame_header;
 pub mod json;
 pub mod parse;

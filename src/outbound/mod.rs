@@ -5,6 +5,7 @@
 //! size cap on every response and a deadline on the whole exchange. Errors name the status
 //! only, never the peer's answer.
 
+pub mod export;
 pub mod guard;
 pub mod wado;
 

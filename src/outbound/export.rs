@@ -15,9 +15,9 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
 
-use super::dimse::{command_pdu, command_set, Command};
-use super::status;
-use crate::outbound::Outbound;
+use super::Outbound;
+use crate::dicom::dimse::{command_pdu, command_set, Command};
+use crate::dicom::status;
 use crate::store::{ExportRow, Store};
 
 /// How results reach a destination.
@@ -277,7 +277,7 @@ impl Exporter {
 
 /// The data set bytes of a Part 10 file (after the file meta group).
 fn data_set(part10: &[u8]) -> Option<&[u8]> {
-    super::parse::data_set_of(part10)
+    crate::dicom::parse::data_set_of(part10)
 }
 
 /// One C-STORE over a new association; the instance goes in its stored transfer syntax.
