@@ -147,14 +147,15 @@ def handlers() -> list:
 
 
 def wirings() -> list:
-    """Places outside app.rs that wire the app: assemble an AppState or call App::build."""
-    pat = re.compile(r"AppState::(new|with_risk)\(|App::build\(")
+    """Places outside app.rs that wire the app: assemble an AppState (`AppState::new`,
+    `AppState::with_risk`, a struct literal) or call `App::build` (the one way)."""
+    pat = re.compile(r"AppState::(new|with_risk)\(|AppState \{|App::build\(")
     out = []
     for p in sorted(list(pathlib.Path("tests").rglob("*.rs")) + list(SRC.rglob("*.rs"))):
         if p == SRC / "app.rs":
             continue
         for n, line in enumerate(p.read_text().splitlines(), 1):
-            if pat.search(line):
+            if pat.search(line) and "->" not in line and "fn " not in line:
                 out.append(f"{p}:{n}")
     return out
 
@@ -202,7 +203,8 @@ def main():
     print("longest async fns in src/api (lines):")
     for h in report["longest_handlers"]:
         print(f"  {h}")
-    print(f"places that wire the app outside main/app.rs: {len(report['wirings'])}")
+    ways = {"App::build" if "App::build" in open(w.split(":")[0]).read().splitlines()[int(w.split(":")[1]) - 1] else w for w in report["wirings"]}
+    print(f"ways the app is wired: {len(ways)}; places outside app.rs: {len(report['wirings'])}")
     for w in report["wirings"]:
         print(f"  {w}")
 

@@ -1,25 +1,38 @@
-//! Carina puts AI models into hospital workflows. Data flows down this list:
+//! Carina puts AI models into hospital workflows. Data flows down this list; a module imports
+//! only modules below it, with one named exception (the store builds its FHIR search index with
+//! [`fhir::index`], which stands above it beside the FHIR REST interactions that call the
+//! store). `scripts/structure.py` checks this order.
 //!
-//! - [`config`]: settings from defaults, `carina.toml`, `CARINA_*` and flags.
-//! - [`cli`]: the `carina serve | predict | models` commands.
-//! - [`app`]: state shared by HTTP handlers.
+//! - [`cli`]: the `carina serve | predict | models` commands (`main` is settings → telemetry
+//!   → models → [`app::App::build`] → run).
+//! - [`api`]: HTTP routes and thin handlers, the authorization middleware, error mapping, the
+//!   HTTP server loop.
+//! - [`app`]: [`app::App::build`], the one way Carina is wired (main and the tests' `TestApp`),
+//!   and the handles handlers reach.
+//! - [`config`]: settings from defaults, `carina.toml`, `CARINA_*` and flags; each room gets its
+//!   own options from them.
 //! - [`auth`]: the trust boundary: bearer JWTs from the configured issuer → SMART scopes.
-//! - [`api`]: HTTP routes (the `/v1` API, the 2020 demo's `/covid19` API, web page, docs).
-//! - [`pipeline`]: the image analysis use case (decode → infer → Grad-CAM → overlay → FHIR).
-//! - [`dicom`]: DICOM parsing, routing, DICOM JSON, Secondary Capture results, DIMSE SCP.
-//! - [`ingest`]: the one path every received instance takes: store, then queue its analysis.
+//! - [`jobs`]: the jobs room: what writes start, the worker loop, the one dispatch from a job's
+//!   kind to its stage, waiting for jobs; the ImagingStudy job.
+//! - [`ingest`]: the one receive → check → store durably → enqueue path for DICOM, whatever the
+//!   transport (the DIMSE listener is [`ingest::dimse`]).
+//! - [`risk`]: lab Observations → features → ICU-risk prediction → RiskAssessment.
+//! - [`analysis`]: routing → the image pipeline (decode, infer, Grad-CAM) → report → Secondary
+//!   Capture → export.
+//! - [`report`]: FHIR R4 resources of an image analysis (fhirbolt).
+//! - [`render`]: overlay PNGs and `.npy` dumps.
 //! - [`imaging`]: PNG/JPEG/DICOM bytes → 8-bit images.
 //! - [`inference`]: model manifests, ONNX Runtime sessions and batching, preprocessing, Grad-CAM.
-//! - [`render`]: overlay PNGs and `.npy` dumps.
-//! - [`report`]: FHIR R4 resources of an image analysis (fhirbolt).
-//! - [`fhir`]: the FHIR R4 server: validation, REST interactions, Bundles, search, capability.
-//! - [`risk`]: lab Observations → features → ICU-risk prediction → RiskAssessment.
-//! - [`trigger`]: what a stored ImagingStudy starts: finding its pixels, analysing them.
-//! - [`worker`]: job workers: leased jobs from the database queue, retries, dead letters.
-//! - [`audit`]: the audit trail: AuditEvents (DICOM/IHE ATNA codes), the acting task's actor, syslog
-//!   (below the request handlers and the worker, beside the store that writes them with each change).
-//! - [`store`]: SQL (sqlx, SQLite or PostgreSQL) and blob files.
-//! - [`outbound`]: the one outbound HTTP client: allow-list, address guard, size caps, deadlines.
+//! - [`outbound`]: the one outbound HTTP client (allow-list, address guard, size caps,
+//!   deadlines), and the clients on it: PACS export (DIMSE and STOW-RS), WADO-RS retrieve.
+//! - [`fhir`]: the FHIR R4 server's rules: validation, REST interactions, Bundles, search
+//!   parameters and their index, capability.
+//! - [`store`]: all SQL (sqlx, SQLite or PostgreSQL) and blob files: instances, FHIR resources,
+//!   analyses, the job queue and its clock; never calls up.
+//! - [`audit`]: the audit trail: AuditEvents (DICOM/IHE ATNA codes), the acting task's actor,
+//!   syslog (the store writes them with each change).
+//! - [`dicom`]: DICOM as data: parsing, routing rules, DICOM JSON, Secondary Capture, the DIMSE
+//!   codec, status codes.
 //! - [`metrics`]: Prometheus metrics.
 
 pub mod analysis;

@@ -4,77 +4,7 @@
 use super::index::{date_range, normalise_reference, params, Kind};
 use super::FhirError;
 
-/// Date comparison prefixes (FHIR R4 3.1.1.4.5.2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Prefix {
-    /// equal (the resource's range lies within the value's)
-    Eq,
-    /// not equal
-    Ne,
-    /// greater than
-    Gt,
-    /// less than
-    Lt,
-    /// greater or equal
-    Ge,
-    /// less or equal
-    Le,
-    /// starts after
-    Sa,
-    /// ends before
-    Eb,
-}
-
-/// One condition; a clause ORs several of them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Cond {
-    /// `_id`
-    Id(String),
-    /// `_lastUpdated`: prefix, range start, range end.
-    LastUpdated(Prefix, String, String),
-    /// Token parameter. `system`: None = any system, Some(None) = no system.
-    Token {
-        /// Parameter.
-        param: &'static str,
-        /// System constraint.
-        system: Option<Option<String>>,
-        /// Code, when given.
-        code: Option<String>,
-    },
-    /// Reference parameter, normalised (`Patient/123`).
-    Reference {
-        /// Parameter.
-        param: &'static str,
-        /// Value.
-        value: String,
-    },
-    /// Date parameter: prefix, range start, range end.
-    Date {
-        /// Parameter.
-        param: &'static str,
-        /// Comparison.
-        prefix: Prefix,
-        /// Start of the value's range.
-        lo: String,
-        /// End of the value's range (exclusive).
-        hi: String,
-    },
-}
-
-/// A parsed search.
-#[derive(Debug, Clone, Default)]
-pub struct SearchQuery {
-    /// Clauses (ANDed), each a list of conditions (ORed).
-    pub clauses: Vec<Vec<Cond>>,
-    /// Page size.
-    pub count: u32,
-    /// Offset of the page.
-    pub offset: u32,
-    /// Parameters that were used, for the `self` link.
-    pub used: Vec<(String, String)>,
-    /// Parameters that were ignored (unknown), with why.
-    pub ignored: Vec<String>,
-}
+pub use crate::store::fhir::{Cond, Prefix, SearchQuery};
 
 /// Default and largest page size.
 pub const DEFAULT_COUNT: u32 = 50;

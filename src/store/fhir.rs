@@ -8,8 +8,80 @@ use sqlx::Row;
 use super::sql::Sql;
 
 use super::{NewJob, Store, StoreError};
+pub(crate) use crate::fhir::index::instant;
 use crate::fhir::index::{self, Entry};
-use crate::fhir::search::{Cond, Prefix, SearchQuery};
+
+/// Date comparison prefixes (FHIR R4 3.1.1.4.5.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefix {
+    /// equal (the resource's range lies within the value's)
+    Eq,
+    /// not equal
+    Ne,
+    /// greater than
+    Gt,
+    /// less than
+    Lt,
+    /// greater or equal
+    Ge,
+    /// less or equal
+    Le,
+    /// starts after
+    Sa,
+    /// ends before
+    Eb,
+}
+
+/// One condition; a clause ORs several of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cond {
+    /// `_id`
+    Id(String),
+    /// `_lastUpdated`: prefix, range start, range end.
+    LastUpdated(Prefix, String, String),
+    /// Token parameter. `system`: None = any system, Some(None) = no system.
+    Token {
+        /// Parameter.
+        param: &'static str,
+        /// System constraint.
+        system: Option<Option<String>>,
+        /// Code, when given.
+        code: Option<String>,
+    },
+    /// Reference parameter, normalised (`Patient/123`).
+    Reference {
+        /// Parameter.
+        param: &'static str,
+        /// Value.
+        value: String,
+    },
+    /// Date parameter: prefix, range start, range end.
+    Date {
+        /// Parameter.
+        param: &'static str,
+        /// Comparison.
+        prefix: Prefix,
+        /// Start of the value's range.
+        lo: String,
+        /// End of the value's range (exclusive).
+        hi: String,
+    },
+}
+
+/// A parsed search (built by [`crate::fhir::search::parse`]), run by [`Store::fhir_search`].
+#[derive(Debug, Clone, Default)]
+pub struct SearchQuery {
+    /// Clauses (ANDed), each a list of conditions (ORed).
+    pub clauses: Vec<Vec<Cond>>,
+    /// Page size.
+    pub count: u32,
+    /// Offset of the page.
+    pub offset: u32,
+    /// Parameters that were used, for the `self` link.
+    pub used: Vec<(String, String)>,
+    /// Parameters that were ignored (unknown), with why.
+    pub ignored: Vec<String>,
+}
 
 /// What to write.
 #[derive(Debug, Clone)]
@@ -74,7 +146,7 @@ impl Store {
         writes: Vec<Write>,
         plan: Plan<'_>,
     ) -> Result<Written, StoreError> {
-        let now = index::instant(chrono::Utc::now());
+        let now = instant(chrono::Utc::now());
         let mut tx = self.begin_write().await?;
         let mut out = Vec::with_capacity(writes.len());
         for w in writes {
@@ -148,7 +220,7 @@ impl Store {
         event: &crate::audit::Event,
         actor: &crate::audit::Actor,
     ) -> Result<(), StoreError> {
-        let now = index::instant(chrono::Utc::now());
+        let now = instant(chrono::Utc::now());
         let mut conn = self.pool.acquire().await?;
         self.audit_in(&mut conn, event, actor, &now).await
     }
@@ -259,7 +331,7 @@ impl Store {
         )
         .bind(patient)
         .bind(features)
-        .bind(index::instant(chrono::Utc::now()))
+        .bind(instant(chrono::Utc::now()))
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -422,7 +494,7 @@ impl Store {
              VALUES ($1, $2, 'running', $3, $4, $5, '[]', '[]', $6)",
         )
         .bind(id)
-        .bind(index::instant(chrono::Utc::now()))
+        .bind(instant(chrono::Utc::now()))
         .bind(status)
         .bind(location)
         .bind(serde_json::to_string(body)?)

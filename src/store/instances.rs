@@ -299,7 +299,7 @@ impl Store {
                     crate::audit::Entity::Instance(ix.sop_instance_uid.clone()),
                 ],
             };
-            let now = crate::fhir::index::instant(chrono::Utc::now());
+            let now = super::fhir::instant(chrono::Utc::now());
             self.audit_in(&mut tx, &event, &actor, &now).await?;
         }
         tx.commit().await?;
