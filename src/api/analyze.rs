@@ -12,10 +12,9 @@ use uuid::Uuid;
 
 use super::base_url;
 use super::error::{body_error, ApiError};
-use crate::analysis::pipeline;
+use crate::analysis::pipeline::Analysis;
 use crate::app::AppState;
 use crate::imaging::MediaType;
-use crate::store::Source;
 
 /// Query of `POST /v1/analyze`.
 #[derive(Debug, Deserialize)]
@@ -34,55 +33,43 @@ pub async fn analyze(
     let body = body.map_err(|e| body_error(e.status(), e.body_text(), state.max_body))?;
     let Query(query) =
         query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid", e.body_text()))?;
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let media = MediaType::from_content_type(content_type).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "not-supported",
-            format!("Content-Type '{content_type}' is not supported; send application/dicom, image/png or image/jpeg"),
-        )
-    })?;
+    let media = upload_media(&headers)?;
     if body.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "required",
-            "the request body is empty",
-        ));
+        let m = "the request body is empty";
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "required", m));
     }
     let model = state
         .models
         .image_model(query.model.as_deref())
         .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "not-found",
-                format!(
-                    "no image model named '{}'",
-                    query.model.as_deref().unwrap_or("")
-                ),
-            )
-        })?
-        .clone();
+            let m = format!("no image model named '{}'", query.model.unwrap_or_default());
+            ApiError::new(StatusCode::BAD_REQUEST, "not-found", m)
+        })?;
     let base = base_url(&state, &headers);
-    let analysis = if media == MediaType::Dicom {
-        // DICOM takes the one ingest path: stored (idempotent by SOP Instance UID), analysed
-        // with the chosen model, Secondary Capture result stored with it.
-        let accepted = state.ingest.receive_claimed(body, Source::Api).await?;
-        state
-            .jobs
-            .analyse_claimed(&accepted, Some(&model.manifest.name))
-            .await?
-    } else {
-        let a = pipeline::analyse(model, body, media, move |id| {
-            Some(format!("{base}/v1/results/{id}/overlay.png"))
-        })
+    let jobs = &state.jobs;
+    let analysis = jobs
+        .analyse_upload(body, media, model.clone(), &base)
         .await?;
-        state.store.save_analysis(&a.record(), "api").await?;
-        a
-    };
+    Ok(analysis_response(&analysis))
+}
+
+/// The media type of an upload from its Content-Type (415 for anything but DICOM, PNG, JPEG).
+fn upload_media(headers: &HeaderMap) -> Result<MediaType, ApiError> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    MediaType::from_content_type(content_type).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "not-supported",
+            format!("Content-Type '{content_type}' is not supported; send application/dicom, image/png or image/jpeg"),
+        )
+    })
+}
+
+/// 200 with the analysis Bundle, `Location` of the stored result and `Server-Timing`.
+fn analysis_response(analysis: &Analysis) -> Response {
     let mut r = (StatusCode::OK, analysis.bundle.to_string()).into_response();
     let h = r.headers_mut();
     h.insert(
@@ -95,7 +82,7 @@ pub async fn analyze(
     if let Ok(v) = HeaderValue::from_str(&analysis.server_timing()) {
         h.insert("server-timing", v);
     }
-    Ok(r)
+    r
 }
 
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {

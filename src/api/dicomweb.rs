@@ -52,6 +52,17 @@ async fn stow_impl(
     study: Option<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let boundary = stow_boundary(&headers)?;
+    let body = body.map_err(|e| body_error(e.status(), e.body_text(), state.max_body))?;
+    let stream = futures_util::stream::once(async move { Ok::<_, std::io::Error>(body) });
+    let multipart = multer::Multipart::new(stream, boundary);
+    let base = format!("{}/dicomweb", base_url(&state, &headers));
+    let parts = stow_parts(&state.ingest, multipart, study.as_deref(), &base).await?;
+    stow_answer(&parts, study, &base)
+}
+
+/// The boundary of a STOW-RS body: `multipart/related` of `application/dicom` parts only.
+fn stow_boundary(headers: &HeaderMap) -> Result<String, ApiError> {
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -71,102 +82,93 @@ async fn stow_impl(
             )));
         }
     }
-    let boundary = params.get("boundary").cloned().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid",
-            "multipart/related without a boundary",
-        )
-    })?;
-    let body = body.map_err(|e| body_error(e.status(), e.body_text(), state.max_body))?;
-    let stream = futures_util::stream::once(async move { Ok::<_, std::io::Error>(body) });
-    let mut multipart = multer::Multipart::new(stream, boundary);
-    let base = format!("{}/dicomweb", base_url(&state, &headers));
-    let (mut stored, mut failed) = (Vec::new(), Vec::new());
-    let mut parts = 0usize;
-    loop {
-        let field = match multipart.next_field().await {
-            Ok(Some(f)) => f,
-            Ok(None) => break,
-            Err(e) => {
-                return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid",
-                    format!("malformed multipart body: {e}"),
-                ))
-            }
-        };
-        parts += 1;
+    params.get("boundary").cloned().ok_or_else(|| {
+        let m = "multipart/related without a boundary";
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid", m)
+    })
+}
+
+/// What became of each part of a STOW-RS body.
+#[derive(Default)]
+struct StowParts {
+    stored: Vec<StowItem>,
+    failed: Vec<StowItem>,
+}
+
+/// Ingests every part (each on its own: a bad part fails alone).
+async fn stow_parts(
+    ingest: &crate::ingest::Ingest,
+    mut multipart: multer::Multipart<'static>,
+    study: Option<&str>,
+    base: &str,
+) -> Result<StowParts, ApiError> {
+    let malformed = |e: multer::Error| {
+        let m = format!("malformed multipart body: {e}");
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid", m)
+    };
+    let mut out = StowParts::default();
+    let mut n = 0usize;
+    while let Some(field) = multipart.next_field().await.map_err(malformed)? {
+        n += 1;
         let part_type = field
             .content_type()
             .map(|m| m.essence_str().to_ascii_lowercase())
             .unwrap_or_else(|| "application/dicom".into());
-        let data = field.bytes().await.map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid",
-                format!("malformed multipart body: {e}"),
-            )
-        })?;
+        let data = field.bytes().await.map_err(malformed)?;
         if part_type != "application/dicom" {
-            failed.push(StowItem {
-                sop_class_uid: String::new(),
-                sop_instance_uid: String::new(),
-                retrieve_url: None,
-                failure: Some(crate::dicom::status::CANNOT_UNDERSTAND),
-                comment: Some(format!(
-                    "part {parts}: media type {part_type} is not application/dicom"
-                )),
-            });
+            let why = format!("part {n}: media type {part_type} is not application/dicom");
+            out.failed.push(StowItem::failed(
+                "",
+                "",
+                crate::dicom::status::CANNOT_UNDERSTAND,
+                why,
+            ));
             continue;
         }
-        match state
-            .ingest
-            .receive(data, Source::Stow, study.as_deref())
-            .await
-        {
-            Ok(a) => stored.push(StowItem {
+        match ingest.receive(data, Source::Stow, study).await {
+            Ok(a) => out.stored.push(StowItem {
                 sop_class_uid: a.index.sop_class_uid.clone(),
                 sop_instance_uid: a.index.sop_instance_uid.clone(),
-                retrieve_url: Some(json::instance_url(&a.index, &base)),
+                retrieve_url: Some(json::instance_url(&a.index, base)),
                 failure: None,
                 comment: None,
             }),
             Err(e) => {
-                tracing::info!(part = parts, status = format!("{:04X}", e.status()), error = %e, "STOW instance refused");
+                tracing::info!(part = n, status = format!("{:04X}", e.status()), error = %e, "STOW instance refused");
                 let (class, inst) = e.uids().unwrap_or(("", ""));
-                failed.push(StowItem {
-                    sop_class_uid: class.to_string(),
-                    sop_instance_uid: inst.to_string(),
-                    retrieve_url: None,
-                    failure: Some(e.status()),
-                    comment: Some(format!("part {parts}: {e}")),
-                });
+                out.failed.push(StowItem::failed(
+                    class,
+                    inst,
+                    e.status(),
+                    format!("part {n}: {e}"),
+                ));
             }
         }
     }
-    if parts == 0 {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "required",
-            "the multipart body has no parts",
-        ));
+    if n == 0 {
+        let m = "the multipart body has no parts";
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "required", m));
     }
+    Ok(out)
+}
+
+/// The STOW-RS answer (PS3.18 10.5.3): 200 all stored, 202 some, 409 none, and 503 +
+/// Retry-After when every part was refused for lack of resources (disk, job backlog, database).
+fn stow_answer(parts: &StowParts, study: Option<String>, base: &str) -> Result<Response, ApiError> {
+    let StowParts { stored, failed } = parts;
     let study_url = study
-        .clone()
-        .or_else(|| (!stored.is_empty()).then(|| stored_study(&stored)))
+        .or_else(|| (!stored.is_empty()).then(|| stored_study(stored)))
         .map(|s| format!("{base}/studies/{s}"));
     let refused = |f: &StowItem| f.failure == Some(crate::dicom::status::OUT_OF_RESOURCES);
     if stored.is_empty() && !failed.is_empty() && failed.iter().all(refused) {
-        // nothing kept for lack of resources (disk, job backlog, database): a retryable 503
-        // (Retry-After is added); each instance was refused by the ingest's own check
+        let why = failed
+            .first()
+            .and_then(|f| f.comment.clone())
+            .unwrap_or_default();
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "transient",
-            failed
-                .first()
-                .and_then(|f| f.comment.clone())
-                .unwrap_or_default(),
+            why,
         ));
     }
     let status = match (stored.is_empty(), failed.is_empty()) {
@@ -174,10 +176,8 @@ async fn stow_impl(
         (false, false) => StatusCode::ACCEPTED,
         (true, _) => StatusCode::CONFLICT,
     };
-    Ok(dicom_json(
-        status,
-        &json::stow_response(study_url.as_deref(), &stored, &failed),
-    ))
+    let body = json::stow_response(study_url.as_deref(), stored, failed);
+    Ok(dicom_json(status, &body))
 }
 
 fn stored_study(stored: &[StowItem]) -> String {

@@ -118,6 +118,18 @@ impl From<crate::analysis::ProcessError> for ApiError {
     }
 }
 
+impl From<crate::jobs::UploadError> for ApiError {
+    fn from(e: crate::jobs::UploadError) -> Self {
+        use crate::jobs::UploadError as E;
+        match e {
+            E::Ingest(e) => e.into(),
+            E::Process(e) => e.into(),
+            E::Analyse(e) => e.into(),
+            E::Store(e) => e.into(),
+        }
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         if e.is_storage_full() {

@@ -14,6 +14,7 @@ use super::error::{body_error, ApiError};
 use crate::app::AppState;
 use crate::auth::{Access, AuthError, Grant, Interaction};
 use crate::fhir::{bundle, capability, compartment, rest, FhirError};
+use crate::jobs::AsyncProgress;
 use crate::store::fhir::Stored;
 
 const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
@@ -115,73 +116,39 @@ pub async fn async_status(
 ) -> Result<Response, ApiError> {
     // its batch-response may hold any patient's reports
     access.whole("DiagnosticReport", Interaction::Read)?;
-    let mut job = state
-        .store
-        .async_job(&id)
-        .await?
-        .ok_or_else(|| FhirError::NotFound(format!("asynchronous request {id}")))?;
+    let row = state.store.async_job(&id).await?;
+    let row = row.ok_or_else(|| FhirError::NotFound(format!("asynchronous request {id}")))?;
+    let job = match state.jobs.async_progress(row).await? {
+        AsyncProgress::Running { finished, total } => return Ok(still_running(finished, total)),
+        AsyncProgress::Interrupted => return Err(interrupted()),
+        AsyncProgress::Done(job) => job,
+    };
+    let mut reports = Vec::new();
+    for (t, rid) in job.reports.iter().filter_map(|r| r.split_once('/')) {
+        reports.extend(state.store.fhir_read(t, rid, None).await?);
+    }
     let base = fhir_base(&state, &headers);
-    match job.state.as_str() {
-        "running" => {
-            let mut jobs = Vec::new();
-            for j in &job.jobs {
-                jobs.extend(state.store.job(j).await?);
-            }
-            let finished = jobs.iter().filter(|j| crate::jobs::finished(j)).count();
-            if finished < jobs.len() {
-                let mut r = StatusCode::ACCEPTED.into_response();
-                let progress = format!("analysing: {finished} of {} jobs finished", jobs.len());
-                if let Ok(v) = HeaderValue::from_str(&progress) {
-                    r.headers_mut().insert("x-progress", v);
-                }
-                return Ok(r);
-            }
-            let t = crate::jobs::summarise(&jobs, std::time::Duration::ZERO);
-            state.store.async_finish(&id, &t.reports, &t.notes).await?;
-            (job.reports, job.notes) = (t.reports, t.notes);
-        }
-        "interrupted" => {
-            // rows of versions before the job queue, whose analyses ran in memory
-            return Err(ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "incomplete",
-                "the server restarted while this request's analyses ran; its resources are stored, post the ImagingStudy again to analyse it",
-            ));
-        }
-        _ => {}
+    let bundle = crate::report::request::async_batch_response(&job, &reports, &base);
+    Ok(fhir_json(StatusCode::OK, &bundle))
+}
+
+/// 202 with `X-Progress: analysing: <finished> of <total> jobs finished`.
+fn still_running(finished: usize, total: usize) -> Response {
+    let mut r = StatusCode::ACCEPTED.into_response();
+    let progress = format!("analysing: {finished} of {total} jobs finished");
+    if let Ok(v) = HeaderValue::from_str(&progress) {
+        r.headers_mut().insert("x-progress", v);
     }
-    let mut first = serde_json::json!({
-        "response": {"status": format!("{} {}", job.status, if job.status == 201 { "Created" } else { "OK" })},
-        "resource": job.body,
-    });
-    if let Some(l) = &job.location {
-        first["response"]["location"] = Value::String(l.clone());
-    }
-    if !job.notes.is_empty() {
-        first["response"]["outcome"] =
-            crate::fhir::outcome("warning", "incomplete", &job.notes.join("; "));
-    }
-    let mut entries = vec![first];
-    for report in &job.reports {
-        if let Some((t, rid)) = report.split_once('/') {
-            if let Some(s) = state.store.fhir_read(t, rid, None).await? {
-                entries.push(serde_json::json!({
-                    "fullUrl": format!("{base}/{report}"),
-                    "response": {"status": "200 OK", "location": format!("{report}/_history/{}", s.version)},
-                    "resource": s.body,
-                }));
-            }
-        }
-    }
-    Ok(fhir_json(
-        StatusCode::OK,
-        &serde_json::json!({
-            "resourceType": "Bundle",
-            "id": id,
-            "type": "batch-response",
-            "entry": entries,
-        }),
-    ))
+    r
+}
+
+/// A request of a version before the job queue, whose analyses ran in memory and were lost.
+fn interrupted() -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "incomplete",
+        "the server restarted while this request's analyses ran; its resources are stored, post the ImagingStudy again to analyse it",
+    )
 }
 
 fn fhir_base(state: &AppState, headers: &HeaderMap) -> String {

@@ -147,6 +147,19 @@ pub struct StowItem {
     pub comment: Option<String>,
 }
 
+impl StowItem {
+    /// A failed instance: its UIDs (empty when unknown), FailureReason and why.
+    pub fn failed(sop_class_uid: &str, sop_instance_uid: &str, failure: u16, why: String) -> Self {
+        Self {
+            sop_class_uid: sop_class_uid.to_string(),
+            sop_instance_uid: sop_instance_uid.to_string(),
+            retrieve_url: None,
+            failure: Some(failure),
+            comment: Some(why),
+        }
+    }
+}
+
 fn stow_item(it: &StowItem) -> Value {
     let mut m = Map::new();
     let uid = |v: &str| {

@@ -21,7 +21,7 @@ use crate::outbound::Outbound;
 use crate::risk::RiskService;
 use crate::store::fhir::Stored;
 pub use crate::store::{Job, JobKind, JobState, NewJob};
-use crate::store::{Store, StoreError};
+use crate::store::{Source, Store, StoreError};
 pub use worker::{default_owner, record, Handler, JobSettings, Worker};
 
 /// Why a job attempt failed. [`JobError::retry`] says whether another attempt may succeed.
@@ -72,6 +72,23 @@ pub struct Failure<'a> {
     pub retry: bool,
 }
 
+/// Why an uploaded image was not analysed.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    /// A DICOM upload was refused by ingest.
+    #[error(transparent)]
+    Ingest(#[from] crate::ingest::IngestError),
+    /// A DICOM upload's analysis failed.
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+    /// A PNG or JPEG upload's analysis failed.
+    #[error(transparent)]
+    Analyse(#[from] crate::analysis::pipeline::AnalyseError),
+    /// Its result could not be stored.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 /// What the jobs a request started produced, for its answer.
 #[derive(Debug, Default)]
 pub struct Triggered {
@@ -79,6 +96,22 @@ pub struct Triggered {
     pub reports: Vec<String>,
     /// Why an ImagingStudy gave no report (yet).
     pub notes: Vec<String>,
+}
+
+/// Where an asynchronous FHIR request (`Prefer: respond-async`) stands.
+#[derive(Debug)]
+pub enum AsyncProgress {
+    /// Its jobs are still running.
+    Running {
+        /// Jobs finished.
+        finished: usize,
+        /// Jobs started.
+        total: usize,
+    },
+    /// The server restarted while analyses of a version before the job queue ran in memory.
+    Interrupted,
+    /// Finished: the request's row with its reports and notes.
+    Done(Box<crate::store::fhir::AsyncJob>),
 }
 
 /// The jobs room's handle: plans, runs and waits for jobs. Cheap to clone.
@@ -201,6 +234,40 @@ impl Jobs {
         out
     }
 
+    /// Where asynchronous request `row` stands; when its jobs have all finished, their reports
+    /// and notes are recorded with it (once).
+    ///
+    /// # Errors
+    /// [`StoreError`] when the queue cannot be read or the result written.
+    pub async fn async_progress(
+        &self,
+        mut row: crate::store::fhir::AsyncJob,
+    ) -> Result<AsyncProgress, StoreError> {
+        match row.state.as_str() {
+            "interrupted" => return Ok(AsyncProgress::Interrupted),
+            "running" => {}
+            _ => return Ok(AsyncProgress::Done(Box::new(row))),
+        }
+        let mut jobs = Vec::new();
+        for j in &row.jobs {
+            jobs.extend(self.store.job(j).await?);
+        }
+        let done = jobs.iter().filter(|j| finished(j)).count();
+        if done < jobs.len() {
+            let total = jobs.len();
+            return Ok(AsyncProgress::Running {
+                finished: done,
+                total,
+            });
+        }
+        let t = summarise(&jobs, Duration::ZERO);
+        self.store
+            .async_finish(&row.id, &t.reports, &t.notes)
+            .await?;
+        (row.reports, row.notes) = (t.reports, t.notes);
+        Ok(AsyncProgress::Done(Box::new(row)))
+    }
+
     /// The worker loops of this process, running every kind of job through [`Self::run`].
     pub fn worker(&self) -> Worker {
         let jobs = self.clone();
@@ -260,6 +327,34 @@ impl Jobs {
             }
         }
         result
+    }
+
+    /// Analyses an uploaded image now with `model`. DICOM takes the one ingest path (stored,
+    /// idempotent by SOP Instance UID, analysed under its claimed job, Secondary Capture
+    /// stored with it); PNG and JPEG go straight through the pipeline and their result is
+    /// stored. `base` makes the overlay link absolute.
+    ///
+    /// # Errors
+    /// [`UploadError`].
+    pub async fn analyse_upload(
+        &self,
+        body: bytes::Bytes,
+        media: crate::imaging::MediaType,
+        model: Arc<crate::inference::ImageModel>,
+        base: &str,
+    ) -> Result<Analysis, UploadError> {
+        if media == crate::imaging::MediaType::Dicom {
+            let accepted = self.ingest.receive_claimed(body, Source::Api).await?;
+            let name = &model.manifest.name;
+            return Ok(self.analyse_claimed(&accepted, Some(name)).await?);
+        }
+        let overlay = format!("{base}/v1/results");
+        let a = crate::analysis::pipeline::analyse(model, body, media, move |id| {
+            Some(format!("{overlay}/{id}/overlay.png"))
+        })
+        .await?;
+        self.store.save_analysis(&a.record(), "api").await?;
+        Ok(a)
     }
 
     async fn run_risk(&self, subject: &str) -> Value {

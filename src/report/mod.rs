@@ -2,5 +2,6 @@
 //! domain values and return resources; they do no I/O.
 
 pub mod fhir;
+pub mod request;
 
 pub use fhir::{analysis_bundle, ReportInput};
