@@ -1,6 +1,8 @@
 //! HTTP errors, mapped once: `/v1` and FHIR-style paths answer a FHIR OperationOutcome
 //! (`application/fhir+json`), the legacy `/covid19` API answers `{"detail": …}` like the 2020
-//! demo. Internal errors are logged once with a request id and answered generically.
+//! demo. Internal errors are answered generically; their cause travels in the response's
+//! extensions to the request-logging middleware ([`crate::api::ops::observe`]), which logs it
+//! once inside the request's span, with the request id the client gets as `X-Request-Id`.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -19,7 +21,13 @@ pub struct ApiError {
     pub code: &'static str,
     /// Human text.
     pub message: String,
+    /// What went wrong inside (logged, never sent).
+    cause: Option<String>,
 }
+
+/// The cause of an internal error, handed from the answer to the request-logging middleware.
+#[derive(Debug, Clone)]
+pub struct InternalCause(pub String);
 
 impl ApiError {
     /// A 4xx/5xx with an issue code.
@@ -28,6 +36,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            cause: None,
         }
     }
 
@@ -36,15 +45,15 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "not-found", what)
     }
 
-    /// 500 with the cause logged, not sent.
+    /// 500 with the cause logged (once, by the request-logging middleware), not sent.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
-        let id = uuid::Uuid::new_v4();
-        tracing::error!(error_id = %id, "internal error: {cause}");
-        Self::new(
+        let mut e = Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "exception",
-            format!("internal error (id {id}); see the server log"),
-        )
+            "internal error; the server log has it under this answer's X-Request-Id",
+        );
+        e.cause = Some(cause.to_string());
+        e
     }
 
     /// The OperationOutcome body.
@@ -54,10 +63,7 @@ impl ApiError {
         } else {
             "error"
         };
-        json!({
-            "resourceType": "OperationOutcome",
-            "issue": [{"severity": severity, "code": self.code, "diagnostics": self.message}]
-        })
+        crate::fhir::outcome(severity, self.code, &self.message)
     }
 }
 
@@ -68,6 +74,9 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/fhir+json"),
         );
+        if let Some(cause) = self.cause {
+            r.extensions_mut().insert(InternalCause(cause));
+        }
         r
     }
 }
@@ -183,6 +192,11 @@ impl IntoResponse for LegacyError {
 
 impl From<ApiError> for LegacyError {
     fn from(e: ApiError) -> Self {
+        // the legacy body has no place for it: logged here, inside the request's span (with
+        // its request id)
+        if let Some(cause) = &e.cause {
+            tracing::error!(cause = %cause, "internal error");
+        }
         // The 2020 demo answered 400 for anything wrong with the image.
         let status = if e.status == StatusCode::UNPROCESSABLE_ENTITY {
             StatusCode::BAD_REQUEST
@@ -190,5 +204,28 @@ impl From<ApiError> for LegacyError {
             e.status
         };
         Self(status, e.message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_internal_cause_goes_to_the_log_middleware_not_to_the_client() {
+        let r = ApiError::internal("database: password authentication failed for user x")
+            .into_response();
+        assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let cause = r.extensions().get::<InternalCause>().map(|c| c.0.clone());
+        assert_eq!(
+            cause.as_deref(),
+            Some("database: password authentication failed for user x")
+        );
+        let e = ApiError::internal("driver text");
+        let body = e.outcome().to_string();
+        assert!(!body.contains("driver text"), "{body}");
+        assert!(body.contains("X-Request-Id"), "{body}");
+        let client = ApiError::not_found("no result 'x'").into_response();
+        assert!(client.extensions().get::<InternalCause>().is_none());
     }
 }

@@ -123,6 +123,9 @@ pub async fn observe(req: Request, next: Next) -> Response {
     // probes (HAProxy checks /readyz twice a second) log at debug, everything else at info
     let probe = matches!(route.as_str(), "/healthz" | "/readyz" | "/metrics");
     span.in_scope(|| {
+        if let Some(super::error::InternalCause(cause)) = resp.extensions().get() {
+            tracing::error!(cause = %cause, "internal error");
+        }
         let ms = (secs * 1000.0).round();
         if probe && status.is_success() {
             tracing::debug!(status = status.as_u16(), ms, "request");
