@@ -6,39 +6,13 @@ mod common;
 
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
-use axum::Router;
 use base64::Engine as _;
-use http_body_util::BodyExt;
 use serde_json::Value;
-use tower::ServiceExt;
 
-use common::{app, sample};
+use common::{app, get, post, sample, send};
 
 const MB: usize = 1024 * 1024;
 const COVID_JPG: &str = "tests/fixtures/images/hannover_4d98e1de.jpg";
-
-async fn send(app: &Router, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
-    let res = app.clone().oneshot(req).await.unwrap();
-    let status = res.status();
-    let headers = res.headers().clone();
-    let body = res.into_body().collect().await.unwrap().to_bytes().to_vec();
-    (status, headers, body)
-}
-
-fn post(uri: &str, ct: &str, body: Vec<u8>) -> Request<Body> {
-    Request::post(uri)
-        .header(header::CONTENT_TYPE, ct)
-        .header(header::HOST, "carina.test")
-        .body(Body::from(body))
-        .unwrap()
-}
-
-fn get(uri: &str) -> Request<Body> {
-    Request::get(uri)
-        .header(header::HOST, "carina.test")
-        .body(Body::empty())
-        .unwrap()
-}
 
 fn resources<'a>(bundle: &'a Value, kind: &str) -> Vec<&'a Value> {
     bundle["entry"]

@@ -13,27 +13,11 @@ use axum::http::{header, Request, StatusCode};
 use axum::Router;
 use http_body_util::BodyExt;
 use serde_json::Value;
-use tower::ServiceExt;
 
-use common::{app_with_ingest, root, sample};
+use common::{app_with_ingest, get, root, sample, send};
 
 const MB: usize = 1024 * 1024;
 const COVID: &str = "dicom-samples/derived_DX_covid_hannover.dcm";
-
-async fn send(app: &Router, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
-    let res = app.clone().oneshot(req).await.unwrap();
-    let status = res.status();
-    let headers = res.headers().clone();
-    let body = res.into_body().collect().await.unwrap().to_bytes().to_vec();
-    (status, headers, body)
-}
-
-fn get(uri: &str) -> Request<Body> {
-    Request::get(uri)
-        .header(header::HOST, "carina.test")
-        .body(Body::empty())
-        .unwrap()
-}
 
 /// A STOW-RS request with one part per `(content type, bytes)`.
 fn stow(uri: &str, parts: &[(&str, Vec<u8>)]) -> Request<Body> {
@@ -444,6 +428,12 @@ async fn stored_instances_are_analysed_once_with_a_secondary_capture_in_the_stud
         json(&b).as_array().unwrap().len(),
         all.as_array().unwrap().len()
     );
+    // a late failure of an attempt whose lease was taken over does not undo a finished analysis
+    t.store()
+        .set_analysis_state(&sop, "failed", Some("database: pool timed out"), None)
+        .await
+        .unwrap();
+    assert_eq!(wait_state(&app, &sop).await["analysis_state"], "done");
 }
 
 #[tokio::test]

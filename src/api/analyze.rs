@@ -38,19 +38,14 @@ pub async fn analyze(
         let m = "the request body is empty";
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "required", m));
     }
-    let model = state
-        .models
-        .image_model(query.model.as_deref())
-        .ok_or_else(|| {
-            let m = format!("no image model named '{}'", query.model.unwrap_or_default());
-            ApiError::new(StatusCode::BAD_REQUEST, "not-found", m)
-        })?;
+    let name = query.model.as_deref();
+    let model = state.models.image_model(name).ok_or_else(|| {
+        let m = format!("no image model named '{}'", name.unwrap_or_default());
+        ApiError::new(StatusCode::BAD_REQUEST, "not-found", m)
+    })?;
     let base = base_url(&state, &headers);
-    let jobs = &state.jobs;
-    let analysis = jobs
-        .analyse_upload(body, media, model.clone(), &base)
-        .await?;
-    Ok(analysis_response(&analysis))
+    let analysis = state.jobs.analyse_upload(body, media, model.clone(), &base);
+    Ok(analysis_response(&analysis.await?))
 }
 
 /// The media type of an upload from its Content-Type (415 for anything but DICOM, PNG, JPEG).

@@ -484,49 +484,60 @@ pub async fn rendered(
 ) -> Result<Response, ApiError> {
     let frame: u32 = match p.get(3) {
         Some(n) => n.parse().ok().filter(|n| *n >= 1).ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid",
-                "frame numbers start at 1",
-            )
+            let m = "frame numbers start at 1";
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid", m)
         })?,
         None => 1,
     };
+    let jpeg = rendered_as_jpeg(&headers)?;
+    let (_, file) = one_instance(&state, &p).await?;
+    let quality = q.quality.unwrap_or(90).clamp(1, 100);
+    let (ct, data) = tokio::task::spawn_blocking(move || render(&file, frame - 1, jpeg, quality))
+        .await
+        .map_err(ApiError::internal)??;
+    Ok(([(header::CONTENT_TYPE, ct)], data).into_response())
+}
+
+/// Whether `Accept` asks for JPEG (PNG otherwise; 406 for anything else).
+fn rendered_as_jpeg(headers: &HeaderMap) -> Result<bool, ApiError> {
     let accept = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("image/png");
     let jpeg = accept.contains("image/jpeg") && !accept.contains("image/png");
-    if !(jpeg
-        || accept.contains("image/png")
-        || accept.contains("*/*")
-        || accept.contains("image/*"))
-    {
-        return Err(ApiError::new(
-            StatusCode::NOT_ACCEPTABLE,
-            "not-supported",
-            format!("rendered images are image/png or image/jpeg, not '{accept}'"),
-        ));
+    let png = ["image/png", "*/*", "image/*"]
+        .iter()
+        .any(|t| accept.contains(t));
+    if jpeg || png {
+        return Ok(jpeg);
     }
-    let (_, file) = one_instance(&state, &p).await?;
-    let quality = q.quality.unwrap_or(90).clamp(1, 100);
-    let (ct, data) = tokio::task::spawn_blocking(move || {
-        let img = imaging::decode_frame(&file, MediaType::Dicom, frame - 1)?.image;
-        let mut out = std::io::Cursor::new(Vec::new());
-        if jpeg {
-            let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality);
-            img.write_with_encoder(enc)
-                .map_err(|e| imaging::DecodeError::Pixels(e.to_string()))?;
-            Ok::<_, imaging::DecodeError>(("image/jpeg", out.into_inner()))
-        } else {
-            img.write_to(&mut out, image::ImageFormat::Png)
-                .map_err(|e| imaging::DecodeError::Pixels(e.to_string()))?;
-            Ok(("image/png", out.into_inner()))
-        }
-    })
-    .await
-    .map_err(ApiError::internal)??;
-    Ok(([(header::CONTENT_TYPE, ct)], data).into_response())
+    let m = format!("rendered images are image/png or image/jpeg, not '{accept}'");
+    Err(ApiError::new(
+        StatusCode::NOT_ACCEPTABLE,
+        "not-supported",
+        m,
+    ))
+}
+
+/// Frame `frame` (0-based) of a Part 10 file as PNG, or JPEG of `quality`.
+fn render(
+    file: &[u8],
+    frame: u32,
+    jpeg: bool,
+    quality: u8,
+) -> Result<(&'static str, Vec<u8>), imaging::DecodeError> {
+    let img = imaging::decode_frame(file, MediaType::Dicom, frame)?.image;
+    let mut out = std::io::Cursor::new(Vec::new());
+    let failed = |e: image::ImageError| imaging::DecodeError::Pixels(e.to_string());
+    if jpeg {
+        let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality);
+        img.write_with_encoder(enc).map_err(failed)?;
+        Ok(("image/jpeg", out.into_inner()))
+    } else {
+        img.write_to(&mut out, image::ImageFormat::Png)
+            .map_err(failed)?;
+        Ok(("image/png", out.into_inner()))
+    }
 }
 
 /// `GET /v1/instances/{sop}`: where an instance is in the analysis flow.

@@ -361,37 +361,65 @@ pub async fn create(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    rest::known_type(&resource_type)?;
-    read_only(&resource_type)?;
-    let value = json_body(&state, &headers, body)?;
-    let grant = access.fhir(&resource_type, Interaction::Create)?;
-    writable(&grant, &resource_type, &value)?;
-    accepting(&state).await?;
+    let who = (&access, Interaction::Create);
+    let (value, _) = write_request(&state, who, &resource_type, &headers, body).await?;
     let (ret, _) = prefer(&headers);
     let base = fhir_base(&state, &headers);
     // a Bundle POSTed to /fhir/Bundle is stored as it is, whatever its type
     let plan = |w: &[Stored]| state.jobs.plan(w);
     let (stored, jobs) = rest::create(&state.store, &plan, &resource_type, value).await?;
     if prefer_all(&headers).2 {
-        let location = format!(
-            "{base}/{}/{}/_history/{}",
-            stored.resource_type, stored.id, stored.version
-        );
-        let body = stored.body.clone();
-        return start_async(
-            &state,
-            &base,
-            &jobs,
-            StatusCode::CREATED,
-            Some(location),
-            &body,
-        )
-        .await;
+        let (t, id, v) = (&stored.resource_type, &stored.id, stored.version);
+        let location = Some(format!("{base}/{t}/{id}/_history/{v}"));
+        let created = StatusCode::CREATED;
+        return start_async(&state, &base, &jobs, created, location, &stored.body).await;
     }
-    let triggered = state.jobs.wait(&jobs, state.sync_wait).await;
-    let mut r = written(&stored, &base, ret);
-    trigger_headers(&mut r, &triggered, &base);
-    Ok(r)
+    Ok(answer_write(&state, &stored, &jobs, &base, ret).await)
+}
+
+/// The checks every create and update passes, in order: a known, writable type; a JSON body
+/// within its limit; the token's grant for the interaction and the content; intake open. The
+/// body and the grant.
+async fn write_request(
+    state: &AppState,
+    (access, interaction): (&Access, Interaction),
+    resource_type: &str,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(Value, Grant), ApiError> {
+    rest::known_type(resource_type)?;
+    read_only(resource_type)?;
+    let value = json_body(state, headers, body)?;
+    let grant = access.fhir(resource_type, interaction)?;
+    writable(&grant, resource_type, &value)?;
+    accepting(state).await?;
+    Ok((value, grant))
+}
+
+/// A stored write's answer, after waiting (up to the sync wait) for the jobs it started.
+async fn answer_write(
+    state: &AppState,
+    stored: &Stored,
+    jobs: &[String],
+    base: &str,
+    ret: Return,
+) -> Response {
+    let triggered = state.jobs.wait(jobs, state.sync_wait).await;
+    let mut r = written(stored, base, ret);
+    trigger_headers(&mut r, &triggered, base);
+    r
+}
+
+/// `If-Match: W/"<version>"`, when given (400 for another form).
+fn if_match(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
+    let Some(v) = headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok()) else {
+        return Ok(None);
+    };
+    let version = rest::etag_version(v).ok_or_else(|| {
+        let m = format!("If-Match '{v}' is not a version ETag like W/\"3\"");
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid", m)
+    })?;
+    Ok(Some(version))
 }
 
 /// `PUT /fhir/{type}/{id}`: update (or create with this id).
@@ -402,12 +430,8 @@ pub async fn update(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    rest::known_type(&resource_type)?;
-    read_only(&resource_type)?;
-    let value = json_body(&state, &headers, body)?;
-    let grant = access.fhir(&resource_type, Interaction::Update)?;
-    writable(&grant, &resource_type, &value)?;
-    accepting(&state).await?;
+    let who = (&access, Interaction::Update);
+    let (value, grant) = write_request(&state, who, &resource_type, &headers, body).await?;
     if let Grant::Patient(p) = &grant {
         // the version it replaces must be the patient's too
         if let Some(old) = state.store.fhir_read(&resource_type, &id, None).await? {
@@ -417,24 +441,12 @@ pub async fn update(
         }
     }
     let (ret, _) = prefer(&headers);
-    let if_match = match headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok()) {
-        None => None,
-        Some(v) => Some(rest::etag_version(v).ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid",
-                format!("If-Match '{v}' is not a version ETag like W/\"3\""),
-            )
-        })?),
-    };
+    let if_match = if_match(&headers)?;
     let base = fhir_base(&state, &headers);
     let plan = |w: &[Stored]| state.jobs.plan(w);
     let (stored, jobs) =
         rest::update(&state.store, &plan, &resource_type, &id, value, if_match).await?;
-    let triggered = state.jobs.wait(&jobs, state.sync_wait).await;
-    let mut r = written(&stored, &base, ret);
-    trigger_headers(&mut r, &triggered, &base);
-    Ok(r)
+    Ok(answer_write(&state, &stored, &jobs, &base, ret).await)
 }
 
 /// `GET /fhir/{type}/{id}`: read.

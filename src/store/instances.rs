@@ -346,7 +346,7 @@ impl Store {
         Ok(rows.iter().map(status_from).collect::<Result<_, _>>()?)
     }
 
-    /// Sets the analysis state of an instance.
+    /// Sets the analysis state of an instance. `done` is final: only another `done` replaces it.
     ///
     /// # Errors
     /// [`StoreError::Db`].
@@ -357,9 +357,11 @@ impl Store {
         reason: Option<&str>,
         analysis_id: Option<&str>,
     ) -> Result<(), StoreError> {
+        // `done` is final: a late failure of an attempt whose lease another attempt took over
+        // (the database was down past the lease) must not overwrite the finished analysis
         sqlx::query(
             "UPDATE dicom_instances SET analysis_state = $1, analysis_reason = $2, analysis_id = $3 \
-             WHERE sop_instance_uid = $4",
+             WHERE sop_instance_uid = $4 AND (analysis_state <> 'done' OR $1 = 'done')",
         )
         .bind(state)
         .bind(reason)

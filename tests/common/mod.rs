@@ -6,6 +6,8 @@ pub mod server;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
+use axum::body::Body;
+use axum::http::{HeaderMap, Request, StatusCode};
 use carina::inference::{ExecutionProvider, LoadOptions, Registry, SessionOptions};
 
 pub fn root() -> PathBuf {
@@ -179,16 +181,8 @@ impl TestApp {
     }
 
     /// Sends `req` through the router (no socket); status, headers and body bytes.
-    pub async fn send(
-        &self,
-        req: axum::http::Request<axum::body::Body>,
-    ) -> (axum::http::StatusCode, axum::http::HeaderMap, Vec<u8>) {
-        use http_body_util::BodyExt;
-        use tower::ServiceExt;
-        let res = self.router.clone().oneshot(req).await.unwrap();
-        let (status, headers) = (res.status(), res.headers().clone());
-        let body = res.into_body().collect().await.unwrap().to_bytes().to_vec();
-        (status, headers, body)
+    pub async fn send(&self, req: Request<Body>) -> (StatusCode, HeaderMap, Vec<u8>) {
+        send(&self.router, req).await
     }
 
     /// Serves the router on a loopback port (bound to port 0, kept) for real clients; the
@@ -202,6 +196,33 @@ impl TestApp {
         });
         (addr, task)
     }
+}
+
+/// Sends `req` through `router` (tower `oneshot`, no socket); status, headers and body bytes.
+pub async fn send(router: &axum::Router, req: Request<Body>) -> (StatusCode, HeaderMap, Vec<u8>) {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let res = router.clone().oneshot(req).await.unwrap();
+    let (status, headers) = (res.status(), res.headers().clone());
+    let body = res.into_body().collect().await.unwrap().to_bytes().to_vec();
+    (status, headers, body)
+}
+
+/// `GET uri` with the test Host (`carina.test`, allowed in links).
+pub fn get(uri: &str) -> Request<Body> {
+    Request::get(uri)
+        .header(axum::http::header::HOST, "carina.test")
+        .body(Body::empty())
+        .unwrap()
+}
+
+/// `POST uri` of `body` as `content_type`, with the test Host.
+pub fn post(uri: &str, content_type: &str, body: Vec<u8>) -> Request<Body> {
+    Request::post(uri)
+        .header(axum::http::header::CONTENT_TYPE, content_type)
+        .header(axum::http::header::HOST, "carina.test")
+        .body(Body::from(body))
+        .unwrap()
 }
 
 /// The real router with the fixture models and a fresh store in a temp folder.
