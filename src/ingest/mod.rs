@@ -251,7 +251,7 @@ impl Ingest {
         Ok(accepted)
     }
 
-    /// Stores an instance for an analysis the caller runs now ([`Self::process_claimed`]): its
+    /// Stores an instance for an analysis the caller runs now ([`crate::jobs::Jobs::analyse_claimed`]): its
     /// job is enqueued already leased to this process, so workers leave it alone (after a crash
     /// the lease expires and a worker runs it).
     ///

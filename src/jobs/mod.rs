@@ -130,7 +130,6 @@ pub struct Jobs {
 impl Jobs {
     /// The jobs of `store`'s queue, run with `ingest` (DICOM), `risk` (when a tabular model is
     /// loaded) and `outbound` (WADO-RS fetches). `ingest` shares the wake-up and settings.
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Store,
         models: Arc<Registry>,
