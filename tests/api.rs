@@ -363,7 +363,10 @@ async fn health_models_pages_and_every_documented_route_exists() {
         .map(|m| m["cam_method"].as_str().unwrap())
         .collect();
     assert_eq!(methods, ["grad-cam", "recipro-cam", "grad-cam"]);
-    for page in ["/", "/docs"] {
+    let (s, h, _) = send(&app, get("/docs")).await;
+    assert_eq!(s, StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(h[header::LOCATION], "/docs/");
+    for page in ["/", "/docs/"] {
         let (s, h, b) = send(&app, get(page)).await;
         assert_eq!(s, StatusCode::OK);
         assert!(h[header::CONTENT_TYPE]
@@ -372,46 +375,111 @@ async fn health_models_pages_and_every_documented_route_exists() {
             .starts_with("text/html"));
         let html = String::from_utf8(b).unwrap();
         assert!(
-            !html.contains("https://cdn") && !html.contains("unpkg.com"),
+            !html.contains("https://") && !html.contains("//cdn") && !html.contains("unpkg.com"),
             "{page} loads nothing from the internet"
         );
     }
-    let (_, _, b) = send(&app, get("/openapi.json")).await;
+    // the Swagger UI assets are in the binary, and the page reads our spec, with no online
+    // validator
+    for (asset, kind) in [
+        ("swagger-ui-bundle.js", "javascript"),
+        ("swagger-ui.css", "text/css"),
+    ] {
+        let (s, h, b) = send(&app, get(&format!("/docs/{asset}"))).await;
+        assert_eq!(s, StatusCode::OK, "{asset}");
+        assert!(h[header::CONTENT_TYPE].to_str().unwrap().contains(kind));
+        assert!(b.len() > 50_000, "{asset} is the real asset");
+    }
+    let (_, _, b) = send(&app, get("/docs/swagger-initializer.js")).await;
+    let init = String::from_utf8(b).unwrap();
+    assert!(init.contains("\"/openapi.json\"") && init.contains("\"validatorUrl\": \"none\""));
+    let (s, _, b) = send(&app, get("/openapi.json")).await;
+    assert_eq!(s, StatusCode::OK);
     let spec: Value = serde_json::from_slice(&b).unwrap();
-    let mut count = 0;
-    for (path, ops) in spec["paths"].as_object().unwrap() {
-        for method in ops
-            .as_object()
-            .unwrap()
-            .keys()
-            .filter(|m| ["get", "post"].contains(&m.as_str()))
-        {
-            let uri = path
-                .replace("{id}", &uuid::Uuid::new_v4().to_string())
-                .replace("{file}", "x.png")
-                .replace("{study}", "1.2.3")
-                .replace("{series}", "1.2.4")
-                .replace("{instance}", "1.2.5")
-                .replace("{sop}", "1.2.5")
-                .replace("{frame}", "1")
-                .replace("{type}", "Patient")
-                .replace("{vid}", "1");
+    assert!(spec["openapi"].as_str().unwrap().starts_with("3.1"));
+    // schemas derived from the Rust types the handlers answer
+    for schema in [
+        "ModelInfo",
+        "Job",
+        "JobState",
+        "ResultSummary",
+        "LegacyPrediction",
+        "OperationOutcome",
+    ] {
+        assert!(
+            spec["components"]["schemas"][schema].is_object(),
+            "{schema}"
+        );
+    }
+    let concrete = |path: &str| {
+        path.replace("{id}", &uuid::Uuid::new_v4().to_string())
+            .replace("{file}", "x.png")
+            .replace("{study}", "1.2.3")
+            .replace("{series}", "1.2.4")
+            .replace("{instance}", "1.2.5")
+            .replace("{sop}", "1.2.5")
+            .replace("{frame}", "1")
+            .replace("{type}", "Patient")
+            .replace("{vid}", "1")
+    };
+    let all = ["get", "post", "put", "delete", "patch"];
+    let paths = spec["paths"].as_object().unwrap();
+    let (mut routed, mut refused) = (0, 0);
+    for (path, ops) in paths {
+        for method in all {
             let req = Request::builder()
                 .method(method.to_uppercase().as_str())
-                .uri(&uri)
+                .uri(concrete(path))
                 .body(Body::empty())
                 .unwrap();
             let (s, _, b) = send(&app, req).await;
-            // the router's own 404 (unknown path) has an empty body; ours always explain
-            assert!(
-                s != StatusCode::METHOD_NOT_ALLOWED
-                    && !(s == StatusCode::NOT_FOUND && b.is_empty()),
-                "{method} {path} is not routed"
-            );
-            count += 1;
+            if ops.get(method).is_some() {
+                // every documented operation is routed: the router's own 404 (unknown path)
+                // and 405 (unknown method) have empty bodies; ours always explain
+                let router = [StatusCode::NOT_FOUND, StatusCode::METHOD_NOT_ALLOWED].contains(&s);
+                assert!(
+                    !(router && b.is_empty()),
+                    "{method} {path} is documented but not routed: {s} {}",
+                    String::from_utf8_lossy(&b)
+                );
+                routed += 1;
+            } else {
+                // and the reverse: no method is routed on a documented path that the spec
+                // does not document
+                assert!(
+                    s == StatusCode::METHOD_NOT_ALLOWED && b.is_empty(),
+                    "{method} {path} is routed but not documented"
+                );
+                refused += 1;
+            }
         }
     }
-    assert_eq!(count, 48, "every operation of openapi.json was tried");
+    assert_eq!(routed, 51, "every operation of openapi.json was tried");
+    assert!(refused > 150);
+    // nor on the paths in between (`/v1`, `/dicomweb`, `/covid19/api/v1/predict`, ...)
+    for path in paths.keys() {
+        let mut prefix = String::new();
+        for seg in path.trim_matches('/').split('/') {
+            prefix = format!("{prefix}/{seg}");
+            if paths.contains_key(&prefix) || paths.contains_key(&format!("{prefix}/")) {
+                continue;
+            }
+            for method in all {
+                let req = Request::builder()
+                    .method(method.to_uppercase().as_str())
+                    .uri(concrete(&prefix))
+                    .body(Body::empty())
+                    .unwrap();
+                let (s, _, b) = send(&app, req).await;
+                let undocumented = s == StatusCode::NOT_FOUND && b.is_empty();
+                let fhir_type = prefix.starts_with("/fhir/") && prefix.matches('/').count() == 2;
+                assert!(
+                    undocumented || fhir_type,
+                    "{method} {prefix} is routed but not documented"
+                );
+            }
+        }
+    }
     let (s, _, b) = send(&app, get("/no/such/route")).await;
     assert!(s == StatusCode::NOT_FOUND && b.is_empty());
 }

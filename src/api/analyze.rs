@@ -7,10 +7,10 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
-use serde_json::json;
 use uuid::Uuid;
 
 use super::base_url;
+use super::doc::OperationOutcome;
 use super::error::{body_error, ApiError};
 use crate::analysis::pipeline::Analysis;
 use crate::app::AppState;
@@ -24,6 +24,27 @@ pub struct AnalyzeQuery {
 }
 
 /// `POST /v1/analyze`: raw DICOM/PNG/JPEG body → FHIR Bundle (stored, `Location` to the result).
+#[utoipa::path(
+    post,
+    path = "/v1/analyze",
+    tag = "analysis",
+    operation_id = "analyze",
+    summary = "Classify a chest X-ray and compute a Grad-CAM heatmap",
+    description = "Send the raw bytes of a DICOM, PNG or JPEG image. Returns a FHIR R4 Bundle (type `collection`) with a DiagnosticReport, one Observation per class probability, a Media resource with the heatmap overlay PNG, the Device and a Provenance. The `Location` header points to the JSON summary of the result. Errors are FHIR OperationOutcome resources. Demo — not for clinical use.",
+    params(
+        ("model" = Option<String>, Query, description = "Name of the model to use (see `GET /v1/models`); default model if omitted.")
+    ),
+    request_body(content(([u8] = "application/dicom"), ([u8] = "image/png"), ([u8] = "image/jpeg")), description = "The image file's raw bytes."),
+    responses(
+        (status = 200, description = "Analysis result as a FHIR Bundle.", body = crate::api::doc::Bundle, content_type = "application/fhir+json", headers(("Location" = String, description = "`/v1/results/{id}` — JSON summary of this result."))),
+        (status = 400, description = "Bad request, e.g. unknown `model` (OperationOutcome).", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 413, description = "Request body too large (OperationOutcome, code `too-long`).", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 415, description = "Unsupported media type (OperationOutcome, code `not-supported`).", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 422, description = "Image cannot be decoded (OperationOutcome, code `invalid`).", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 500, description = "Internal error (OperationOutcome, code `exception`).", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 503, description = "Models not loaded (OperationOutcome).", body = OperationOutcome, content_type = "application/fhir+json")
+    )
+)]
 pub async fn analyze(
     State(state): State<AppState>,
     query: Result<Query<AnalyzeQuery>, QueryRejection>,
@@ -85,23 +106,53 @@ fn parse_id(id: &str) -> Result<Uuid, ApiError> {
 }
 
 /// `GET /v1/results/{id}`: summary with links.
+#[utoipa::path(
+    get,
+    path = "/v1/results/{id}",
+    tag = "analysis",
+    operation_id = "getResult",
+    summary = "Result summary",
+    description = "JSON summary of an analysis: predicted class, probabilities, model and links to the input image, overlay and FHIR Bundle.",
+    params(
+        ("id" = String, Path, description = "Result id returned in the `Location` header of `POST /v1/analyze`.")
+    ),
+    responses(
+        (status = 200, description = "Result summary.", body = crate::api::analyze::ResultSummary, content_type = "application/json"),
+        (status = 404, description = "No result with this id (OperationOutcome, code `not-found`).", body = OperationOutcome, content_type = "application/fhir+json")
+    )
+)]
 pub async fn result(
     State(state): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<ResultSummary>, ApiError> {
     let uuid = parse_id(&id)?;
     let row = state
         .store
         .analysis(&uuid)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no result '{id}'")))?;
-    let base = base_url(&state, &headers);
-    let mut v = serde_json::to_value(&row).map_err(ApiError::internal)?;
-    v["input_url"] = json!(format!("{base}/v1/results/{uuid}/input.png"));
-    v["overlay_url"] = json!(format!("{base}/v1/results/{uuid}/overlay.png"));
-    v["bundle_url"] = json!(format!("{base}/v1/results/{uuid}/bundle"));
-    Ok(Json(v))
+    let base = format!("{}/v1/results/{uuid}", base_url(&state, &headers));
+    Ok(Json(ResultSummary {
+        row,
+        input_url: format!("{base}/input.png"),
+        overlay_url: format!("{base}/overlay.png"),
+        bundle_url: format!("{base}/bundle"),
+    }))
+}
+
+/// A stored result with links to its parts.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ResultSummary {
+    /// The stored summary.
+    #[serde(flatten)]
+    pub row: crate::store::ResultRow,
+    /// The input image as the model saw it (PNG).
+    pub input_url: String,
+    /// The Grad-CAM overlay (PNG).
+    pub overlay_url: String,
+    /// The FHIR Bundle of the report.
+    pub bundle_url: String,
 }
 
 async fn blob(
@@ -120,6 +171,21 @@ async fn blob(
 }
 
 /// `GET /v1/results/{id}/bundle`.
+#[utoipa::path(
+    get,
+    path = "/v1/results/{id}/bundle",
+    tag = "analysis",
+    operation_id = "getResultBundle",
+    summary = "Result as FHIR Bundle",
+    description = "The same FHIR R4 Bundle that `POST /v1/analyze` returned.",
+    params(
+        ("id" = String, Path, description = "Result id returned in the `Location` header of `POST /v1/analyze`.")
+    ),
+    responses(
+        (status = 200, description = "FHIR Bundle.", body = crate::api::doc::Bundle, content_type = "application/fhir+json"),
+        (status = 404, description = "No result with this id (OperationOutcome, code `not-found`).", body = OperationOutcome, content_type = "application/fhir+json")
+    )
+)]
 pub async fn bundle(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -128,6 +194,21 @@ pub async fn bundle(
 }
 
 /// `GET /v1/results/{id}/overlay.png`.
+#[utoipa::path(
+    get,
+    path = "/v1/results/{id}/overlay.png",
+    tag = "analysis",
+    operation_id = "getResultOverlay",
+    summary = "Grad-CAM overlay image",
+    description = "Heatmap blended over the input image, as PNG.",
+    params(
+        ("id" = String, Path, description = "Result id returned in the `Location` header of `POST /v1/analyze`.")
+    ),
+    responses(
+        (status = 200, description = "PNG image.", body = String, content_type = "image/png"),
+        (status = 404, description = "No result with this id (OperationOutcome, code `not-found`).", body = OperationOutcome, content_type = "application/fhir+json")
+    )
+)]
 pub async fn overlay(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -136,6 +217,21 @@ pub async fn overlay(
 }
 
 /// `GET /v1/results/{id}/input.png`.
+#[utoipa::path(
+    get,
+    path = "/v1/results/{id}/input.png",
+    tag = "analysis",
+    operation_id = "getResultInput",
+    summary = "Decoded input image",
+    description = "The decoded original image as 8-bit PNG.",
+    params(
+        ("id" = String, Path, description = "Result id returned in the `Location` header of `POST /v1/analyze`.")
+    ),
+    responses(
+        (status = 200, description = "PNG image.", body = String, content_type = "image/png"),
+        (status = 404, description = "No result with this id (OperationOutcome, code `not-found`).", body = OperationOutcome, content_type = "application/fhir+json")
+    )
+)]
 pub async fn input(
     State(state): State<AppState>,
     Path(id): Path<String>,

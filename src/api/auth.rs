@@ -44,7 +44,7 @@ pub fn need(method: &Method, path: &str) -> Need {
     let seg: Vec<&str> = path.trim_matches('/').split('/').collect();
     let get = method == Method::GET || method == Method::HEAD;
     match seg.as_slice() {
-        [""] | ["docs"] | ["openapi.json"] | ["healthz"] | ["readyz"] => Need::Open,
+        [""] | ["docs"] | ["docs", _] | ["openapi.json"] | ["healthz"] | ["readyz"] => Need::Open,
         [".well-known", "smart-configuration"]
         | ["fhir", ".well-known", "smart-configuration"]
         | ["fhir", "metadata"] => Need::Open,
@@ -215,8 +215,38 @@ impl From<AuthError> for ApiError {
     }
 }
 
+/// `GET /fhir/.well-known/smart-configuration`: the same document under the FHIR base, where
+/// SMART clients look for it.
+#[utoipa::path(
+    get,
+    path = "/fhir/.well-known/smart-configuration",
+    tag = "ops",
+    operation_id = "smartConfigurationFhir",
+    summary = "SMART configuration",
+    description = "SMART App Launch 2.x discovery: issuer, token and authorization endpoints (from the issuer's OpenID discovery), supported scopes and capabilities. Open (no token). 404 when authorization is off.",
+    responses(
+        (status = 200, description = "The SMART configuration.", body = serde_json::Value, content_type = "application/json"),
+        (status = 404, description = "Authorization is off on this server.")
+    )
+)]
+pub async fn fhir_smart_configuration(state: State<AppState>) -> Response {
+    smart_configuration(state).await
+}
+
 /// `GET /.well-known/smart-configuration` (SMART App Launch 2.x): where to get tokens and
 /// what Carina understands. 404 when authorization is off.
+#[utoipa::path(
+    get,
+    path = "/.well-known/smart-configuration",
+    tag = "ops",
+    operation_id = "smartConfiguration",
+    summary = "SMART configuration",
+    description = "SMART App Launch 2.x discovery: issuer, token and authorization endpoints (from the issuer's OpenID discovery), supported scopes and capabilities. Open (no token). 404 when authorization is off.",
+    responses(
+        (status = 200, description = "The SMART configuration.", body = serde_json::Value, content_type = "application/json"),
+        (status = 404, description = "Authorization is off on this server.")
+    )
+)]
 pub async fn smart_configuration(State(state): State<AppState>) -> Response {
     let Some(auth) = state.auth.clone() else {
         return ApiError::not_found("authorization is off on this server").into_response();

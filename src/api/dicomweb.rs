@@ -13,6 +13,7 @@ use axum::Json;
 use serde_json::Value;
 
 use super::base_url;
+use super::doc::Problem;
 use super::error::{body_error, ApiError};
 use crate::app::AppState;
 use crate::dicom::json::{self, StowItem};
@@ -28,6 +29,23 @@ fn dicom_json(status: StatusCode, v: &Value) -> Response {
 }
 
 /// `POST /dicomweb/studies`.
+#[utoipa::path(
+    post,
+    path = "/dicomweb/studies",
+    tag = "dicomweb",
+    operation_id = "stowStudies",
+    summary = "STOW-RS: store instances",
+    description = "multipart/related; type=\"application/dicom\". Answers DICOM JSON with ReferencedSOPSequence (0008,1199) and FailedSOPSequence (0008,1198)/FailureReason (0008,1197). 200 all stored, 202 some failed, 409 none stored.",
+    request_body(content = [u8], content_type = "multipart/related"),
+    responses(
+        (status = 200, description = "all stored", body = Vec<serde_json::Value>, content_type = "application/dicom+json"),
+        (status = 202, description = "some stored, some failed (DICOM JSON)"),
+        (status = 409, description = "none stored (DICOM JSON)"),
+        (status = 400, response = Problem),
+        (status = 413, response = Problem),
+        (status = 415, response = Problem)
+    )
+)]
 pub async fn stow(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -37,6 +55,26 @@ pub async fn stow(
 }
 
 /// `POST /dicomweb/studies/{study}`: instances of another study fail with A900.
+#[utoipa::path(
+    post,
+    path = "/dicomweb/studies/{study}",
+    tag = "dicomweb",
+    operation_id = "stowStudy",
+    summary = "STOW-RS: store instances",
+    description = "multipart/related; type=\"application/dicom\". Answers DICOM JSON with ReferencedSOPSequence (0008,1199) and FailedSOPSequence (0008,1198)/FailureReason (0008,1197). 200 all stored, 202 some failed, 409 none stored.",
+    params(
+        ("study" = String, Path)
+    ),
+    request_body(content = [u8], content_type = "multipart/related"),
+    responses(
+        (status = 200, description = "all stored", body = Vec<serde_json::Value>, content_type = "application/dicom+json"),
+        (status = 202, description = "some stored, some failed (DICOM JSON)"),
+        (status = 409, description = "none stored (DICOM JSON)"),
+        (status = 400, response = Problem),
+        (status = 413, response = Problem),
+        (status = 415, response = Problem)
+    )
+)]
 pub async fn stow_study(
     State(state): State<AppState>,
     Path(study): Path<String>,
@@ -242,6 +280,26 @@ fn qido_query(q: &HashMap<String, String>) -> Result<store::Query, ApiError> {
 }
 
 /// `GET /dicomweb/studies`.
+#[utoipa::path(
+    get,
+    path = "/dicomweb/studies",
+    tag = "dicomweb",
+    operation_id = "qidoStudies",
+    summary = "QIDO-RS: search studies",
+    params(
+        ("StudyInstanceUID" = Option<String>, Query, description = "exact"),
+        ("PatientID" = Option<String>, Query, description = "exact, * and ? wildcards"),
+        ("AccessionNumber" = Option<String>, Query, description = "exact, wildcards"),
+        ("Modality" = Option<String>, Query, description = "exact (ModalitiesInStudy at study level)"),
+        ("StudyDate" = Option<String>, Query, description = "YYYYMMDD, A-B, A-, -B"),
+        ("limit" = Option<String>, Query, description = "page size, default 100, at most 1000"),
+        ("offset" = Option<String>, Query, description = "rows skipped")
+    ),
+    responses(
+        (status = 200, description = "DICOM JSON array", body = Vec<serde_json::Value>, content_type = "application/dicom+json"),
+        (status = 400, response = Problem)
+    )
+)]
 pub async fn search_studies(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -258,6 +316,26 @@ pub async fn search_studies(
 }
 
 /// `GET /dicomweb/series`.
+#[utoipa::path(
+    get,
+    path = "/dicomweb/series",
+    tag = "dicomweb",
+    operation_id = "qidoSeries",
+    summary = "QIDO-RS: search series",
+    params(
+        ("StudyInstanceUID" = Option<String>, Query, description = "exact"),
+        ("PatientID" = Option<String>, Query, description = "exact, * and ? wildcards"),
+        ("AccessionNumber" = Option<String>, Query, description = "exact, wildcards"),
+        ("Modality" = Option<String>, Query, description = "exact (ModalitiesInStudy at study level)"),
+        ("StudyDate" = Option<String>, Query, description = "YYYYMMDD, A-B, A-, -B"),
+        ("limit" = Option<String>, Query, description = "page size, default 100, at most 1000"),
+        ("offset" = Option<String>, Query, description = "rows skipped")
+    ),
+    responses(
+        (status = 200, description = "DICOM JSON array", body = Vec<serde_json::Value>, content_type = "application/dicom+json"),
+        (status = 400, response = Problem)
+    )
+)]
 pub async fn search_series(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -267,6 +345,26 @@ pub async fn search_series(
 }
 
 /// `GET /dicomweb/studies/{study}/series`.
+#[utoipa::path(
+    get,
+    path = "/dicomweb/studies/{study}/series",
+    tag = "dicomweb",
+    operation_id = "qidoStudySeries",
+    summary = "QIDO-RS: series of a study",
+    params(
+        ("study" = String, Path),
+        ("StudyInstanceUID" = Option<String>, Query, description = "exact"),
+        ("PatientID" = Option<String>, Query, description = "exact, * and ? wildcards"),
+        ("AccessionNumber" = Option<String>, Query, description = "exact, wildcards"),
+        ("Modality" = Option<String>, Query, description = "exact (ModalitiesInStudy at study level)"),
+        ("StudyDate" = Option<String>, Query, description = "YYYYMMDD, A-B, A-, -B"),
+        ("limit" = Option<String>, Query, description = "page size, default 100, at most 1000"),
+        ("offset" = Option<String>, Query, description = "rows skipped")
+    ),
+    responses(
+        (status = 200, description = "DICOM JSON array", body = Vec<serde_json::Value>, content_type = "application/dicom+json")
+    )
+)]
 pub async fn search_study_series(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -296,6 +394,26 @@ async fn series_impl(
 }
 
 /// `GET /dicomweb/instances`.
+#[utoipa::path(
+    get,
+    path = "/dicomweb/instances",
+    tag = "dicomweb",
+    operation_id = "qidoInstances",
+    summary = "QIDO-RS: search instances",
+    params(
+        ("StudyInstanceUID" = Option<String>, Query, description = "exact"),
+        ("PatientID" = Option<String>, Query, description = "exact, * and ? wildcards"),
+        ("AccessionNumber" = Option<String>, Query, description = "exact, wildcards"),
+        ("Modality" = Option<String>, Query, description = "exact (ModalitiesInStudy at study level)"),
+        ("StudyDate" = Option<String>, Query, description = "YYYYMMDD, A-B, A-, -B"),
+        ("limit" = Option<String>, Query, description = "page size, default 100, at most 1000"),
+        ("offset" = Option<String>, Query, description = "rows skipped")
+    ),
+    responses(
+        (status = 200, description = "DICOM JSON array", body = Vec<serde_json::Value>, content_type = "application/dicom+json"),
+        (status = 400, response = Problem)
+    )
+)]
 pub async fn search_instances(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -304,9 +422,69 @@ pub async fn search_instances(
     instances_impl(state, headers, q, Vec::new()).await
 }
 
-/// `GET /dicomweb/studies/{study}/instances` and
-/// `/dicomweb/studies/{study}/series/{series}/instances`.
-pub async fn search_scoped_instances(
+/// `GET /dicomweb/studies/{study}/instances`.
+#[utoipa::path(
+    get,
+    path = "/dicomweb/studies/{study}/instances",
+    tag = "dicomweb",
+    operation_id = "qidoStudyInstances",
+    summary = "QIDO-RS: instances of a study",
+    params(
+        ("study" = String, Path),
+        ("StudyInstanceUID" = Option<String>, Query, description = "exact"),
+        ("PatientID" = Option<String>, Query, description = "exact, * and ? wildcards"),
+        ("AccessionNumber" = Option<String>, Query, description = "exact, wildcards"),
+        ("Modality" = Option<String>, Query, description = "exact (ModalitiesInStudy at study level)"),
+        ("StudyDate" = Option<String>, Query, description = "YYYYMMDD, A-B, A-, -B"),
+        ("limit" = Option<String>, Query, description = "page size, default 100, at most 1000"),
+        ("offset" = Option<String>, Query, description = "rows skipped")
+    ),
+    responses(
+        (status = 200, description = "DICOM JSON array", body = Vec<serde_json::Value>, content_type = "application/dicom+json")
+    )
+)]
+pub async fn search_study_instances(
+    s: State<AppState>,
+    h: HeaderMap,
+    p: Path<Vec<String>>,
+    q: Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    search_scoped_instances(s, h, p, q).await
+}
+
+/// `GET /dicomweb/studies/{study}/series/{series}/instances`.
+#[utoipa::path(
+    get,
+    path = "/dicomweb/studies/{study}/series/{series}/instances",
+    tag = "dicomweb",
+    operation_id = "qidoSeriesInstances",
+    summary = "QIDO-RS: instances of a series",
+    params(
+        ("study" = String, Path),
+        ("series" = String, Path),
+        ("StudyInstanceUID" = Option<String>, Query, description = "exact"),
+        ("PatientID" = Option<String>, Query, description = "exact, * and ? wildcards"),
+        ("AccessionNumber" = Option<String>, Query, description = "exact, wildcards"),
+        ("Modality" = Option<String>, Query, description = "exact (ModalitiesInStudy at study level)"),
+        ("StudyDate" = Option<String>, Query, description = "YYYYMMDD, A-B, A-, -B"),
+        ("limit" = Option<String>, Query, description = "page size, default 100, at most 1000"),
+        ("offset" = Option<String>, Query, description = "rows skipped")
+    ),
+    responses(
+        (status = 200, description = "DICOM JSON array", body = Vec<serde_json::Value>, content_type = "application/dicom+json")
+    )
+)]
+pub async fn search_series_instances(
+    s: State<AppState>,
+    h: HeaderMap,
+    p: Path<Vec<String>>,
+    q: Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    search_scoped_instances(s, h, p, q).await
+}
+
+/// QIDO-RS instances of a study or a series.
+async fn search_scoped_instances(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(p): Path<Vec<String>>,
@@ -381,8 +559,82 @@ fn accepts_dicom(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
+/// `GET /dicomweb/studies/{study}`.
+#[utoipa::path(
+    get,
+    path = "/dicomweb/studies/{study}",
+    tag = "dicomweb",
+    operation_id = "wadoStudy",
+    summary = "WADO-RS: retrieve a study",
+    params(
+        ("study" = String, Path)
+    ),
+    responses(
+        (status = 200, description = "multipart/related; type=\"application/dicom\" (stored transfer syntax)", body = [u8], content_type = "multipart/related"),
+        (status = 404, response = Problem),
+        (status = 406, response = Problem)
+    )
+)]
+pub async fn retrieve_study(
+    s: State<AppState>,
+    h: HeaderMap,
+    p: Path<Vec<String>>,
+) -> Result<Response, ApiError> {
+    retrieve(s, h, p).await
+}
+
+/// `GET /dicomweb/studies/{study}/series/{series}`.
+#[utoipa::path(
+    get,
+    path = "/dicomweb/studies/{study}/series/{series}",
+    tag = "dicomweb",
+    operation_id = "wadoSeries",
+    summary = "WADO-RS: retrieve a series",
+    params(
+        ("study" = String, Path),
+        ("series" = String, Path)
+    ),
+    responses(
+        (status = 200, description = "multipart/related; type=\"application/dicom\" (stored transfer syntax)", body = [u8], content_type = "multipart/related"),
+        (status = 404, response = Problem)
+    )
+)]
+pub async fn retrieve_series(
+    s: State<AppState>,
+    h: HeaderMap,
+    p: Path<Vec<String>>,
+) -> Result<Response, ApiError> {
+    retrieve(s, h, p).await
+}
+
+/// `GET /dicomweb/studies/{study}/series/{series}/instances/{instance}`.
+#[utoipa::path(
+    get,
+    path = "/dicomweb/studies/{study}/series/{series}/instances/{instance}",
+    tag = "dicomweb",
+    operation_id = "wadoInstance",
+    summary = "WADO-RS: retrieve an instance",
+    params(
+        ("study" = String, Path),
+        ("series" = String, Path),
+        ("instance" = String, Path)
+    ),
+    responses(
+        (status = 200, description = "multipart/related; type=\"application/dicom\" (stored transfer syntax)", body = [u8], content_type = "multipart/related"),
+        (status = 404, response = Problem),
+        (status = 406, response = Problem)
+    )
+)]
+pub async fn retrieve_instance(
+    s: State<AppState>,
+    h: HeaderMap,
+    p: Path<Vec<String>>,
+) -> Result<Response, ApiError> {
+    retrieve(s, h, p).await
+}
+
 /// WADO-RS retrieve of a study, series or instance: `multipart/related; type="application/dicom"`.
-pub async fn retrieve(
+async fn retrieve(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(p): Path<Vec<String>>,
@@ -418,8 +670,80 @@ pub async fn retrieve(
     Ok(r)
 }
 
+/// `GET /dicomweb/studies/{study}/metadata`.
+#[utoipa::path(
+    get,
+    path = "/dicomweb/studies/{study}/metadata",
+    tag = "dicomweb",
+    operation_id = "wadoStudyMetadata",
+    summary = "WADO-RS: study metadata",
+    params(
+        ("study" = String, Path)
+    ),
+    responses(
+        (status = 200, description = "DICOM JSON array", body = Vec<serde_json::Value>, content_type = "application/dicom+json"),
+        (status = 404, response = Problem)
+    )
+)]
+pub async fn study_metadata(
+    s: State<AppState>,
+    h: HeaderMap,
+    p: Path<Vec<String>>,
+) -> Result<Response, ApiError> {
+    metadata(s, h, p).await
+}
+
+/// `GET /dicomweb/studies/{study}/series/{series}/metadata`.
+#[utoipa::path(
+    get,
+    path = "/dicomweb/studies/{study}/series/{series}/metadata",
+    tag = "dicomweb",
+    operation_id = "wadoSeriesMetadata",
+    summary = "WADO-RS: series metadata",
+    params(
+        ("study" = String, Path),
+        ("series" = String, Path)
+    ),
+    responses(
+        (status = 200, description = "DICOM JSON array", body = Vec<serde_json::Value>, content_type = "application/dicom+json"),
+        (status = 404, response = Problem)
+    )
+)]
+pub async fn series_metadata(
+    s: State<AppState>,
+    h: HeaderMap,
+    p: Path<Vec<String>>,
+) -> Result<Response, ApiError> {
+    metadata(s, h, p).await
+}
+
+/// `GET /dicomweb/studies/{study}/series/{series}/instances/{instance}/metadata`.
+#[utoipa::path(
+    get,
+    path = "/dicomweb/studies/{study}/series/{series}/instances/{instance}/metadata",
+    tag = "dicomweb",
+    operation_id = "wadoInstanceMetadata",
+    summary = "WADO-RS: instance metadata (Pixel Data as BulkDataURI)",
+    params(
+        ("study" = String, Path),
+        ("series" = String, Path),
+        ("instance" = String, Path)
+    ),
+    responses(
+        (status = 200, description = "DICOM JSON array", body = Vec<serde_json::Value>, content_type = "application/dicom+json"),
+        (status = 404, response = Problem)
+    )
+)]
+pub async fn instance_metadata(
+    s: State<AppState>,
+    h: HeaderMap,
+    p: Path<Vec<String>>,
+) -> Result<Response, ApiError> {
+    metadata(s, h, p).await
+}
+
 /// WADO-RS metadata of a study, series or instance (DICOM JSON array).
-pub async fn metadata(
+async fn metadata(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(p): Path<Vec<String>>,
@@ -473,10 +797,69 @@ pub struct RenderedQuery {
     pub quality: Option<u8>,
 }
 
+/// `GET /dicomweb/studies/{study}/series/{series}/instances/{instance}/rendered`.
+#[utoipa::path(
+    get,
+    path = "/dicomweb/studies/{study}/series/{series}/instances/{instance}/rendered",
+    tag = "dicomweb",
+    operation_id = "wadoRendered",
+    summary = "WADO-RS rendered: first frame as PNG (default) or JPEG",
+    description = "Modality LUT, VOI LUT/window, MONOCHROME1 inversion and palette/YBR conversion applied.",
+    params(
+        ("study" = String, Path),
+        ("series" = String, Path),
+        ("instance" = String, Path),
+        ("quality" = Option<i64>, Query, description = "(at most 100)")
+    ),
+    responses(
+        (status = 200, description = "image", content(("image/png"), ("image/jpeg"))),
+        (status = 404, response = Problem),
+        (status = 406, response = Problem),
+        (status = 422, response = Problem)
+    )
+)]
+pub async fn rendered_instance(
+    s: State<AppState>,
+    h: HeaderMap,
+    p: Path<Vec<String>>,
+    q: Query<RenderedQuery>,
+) -> Result<Response, ApiError> {
+    rendered(s, h, p, q).await
+}
+
+/// `GET /dicomweb/studies/{study}/series/{series}/instances/{instance}/frames/{frame}/rendered`.
+#[utoipa::path(
+    get,
+    path = "/dicomweb/studies/{study}/series/{series}/instances/{instance}/frames/{frame}/rendered",
+    tag = "dicomweb",
+    operation_id = "wadoFrameRendered",
+    summary = "WADO-RS rendered frame (1-based)",
+    params(
+        ("study" = String, Path),
+        ("series" = String, Path),
+        ("instance" = String, Path),
+        ("frame" = String, Path)
+    ),
+    responses(
+        (status = 200, description = "image", content(("image/png"), ("image/jpeg"))),
+        (status = 400, response = Problem),
+        (status = 404, response = Problem),
+        (status = 422, response = Problem)
+    )
+)]
+pub async fn rendered_frame(
+    s: State<AppState>,
+    h: HeaderMap,
+    p: Path<Vec<String>>,
+    q: Query<RenderedQuery>,
+) -> Result<Response, ApiError> {
+    rendered(s, h, p, q).await
+}
+
 /// WADO-RS rendered instance (first frame) or frame (`/frames/{n}/rendered`): the 8-bit
 /// picture after Modality LUT, VOI LUT/window, MONOCHROME1 inversion and palette/YBR → RGB,
 /// as image/png (default) or image/jpeg.
-pub async fn rendered(
+async fn rendered(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(p): Path<Vec<String>>,
@@ -541,6 +924,20 @@ fn render(
 }
 
 /// `GET /v1/instances/{sop}`: where an instance is in the analysis flow.
+#[utoipa::path(
+    get,
+    path = "/v1/instances/{sop}",
+    tag = "dicom-status",
+    operation_id = "instanceStatus",
+    summary = "Analysis and export state of an instance",
+    params(
+        ("sop" = String, Path)
+    ),
+    responses(
+        (status = 200, description = "state: pending, running, done, skipped or failed, with the reason, result_url and exports", body = serde_json::Value, content_type = "application/json"),
+        (status = 404, response = Problem)
+    )
+)]
 pub async fn instance_status(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -567,6 +964,20 @@ pub async fn instance_status(
 
 /// `GET /v1/studies/{study}/instances`: the analysis state of every instance of a study,
 /// Carina's results included.
+#[utoipa::path(
+    get,
+    path = "/v1/studies/{study}/instances",
+    tag = "dicom-status",
+    operation_id = "studyStatus",
+    summary = "State of every instance of a study, Carina's results included",
+    params(
+        ("study" = String, Path)
+    ),
+    responses(
+        (status = 200, description = "array", body = Vec<serde_json::Value>, content_type = "application/json"),
+        (status = 404, response = Problem)
+    )
+)]
 pub async fn study_status(
     State(state): State<AppState>,
     Path(study): Path<String>,
@@ -590,6 +1001,22 @@ pub struct ExportsQuery {
 }
 
 /// `GET /v1/exports`: result exports to PACS destinations and their state.
+#[utoipa::path(
+    get,
+    path = "/v1/exports",
+    tag = "dicom-status",
+    operation_id = "exports",
+    summary = "Result exports to PACS destinations",
+    params(
+        ("state" = Option<String>, Query, description = "(one of `pending`, `sent`, `failed`)"),
+        ("sop" = Option<String>, Query),
+        ("limit" = Option<i64>, Query)
+    ),
+    responses(
+        (status = 200, description = "array", body = Vec<serde_json::Value>, content_type = "application/json"),
+        (status = 400, response = Problem)
+    )
+)]
 pub async fn exports(
     State(state): State<AppState>,
     Query(q): Query<ExportsQuery>,

@@ -6,7 +6,6 @@
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 
 use crate::analysis::pipeline::AnalyseError;
 use crate::imaging::DecodeError;
@@ -184,9 +183,16 @@ pub fn body_error(status: StatusCode, text: String, limit: usize) -> ApiError {
 #[derive(Debug)]
 pub struct LegacyError(pub StatusCode, pub String);
 
+/// The body of a legacy error.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct LegacyDetail {
+    /// What went wrong.
+    pub detail: String,
+}
+
 impl IntoResponse for LegacyError {
     fn into_response(self) -> Response {
-        (self.0, axum::Json(json!({"detail": self.1}))).into_response()
+        (self.0, axum::Json(LegacyDetail { detail: self.1 })).into_response()
     }
 }
 

@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
 use super::base_url;
+use super::doc::Problem;
 use super::error::{body_error, ApiError};
 use crate::app::AppState;
 use crate::auth::{Access, AuthError, Grant, Interaction};
@@ -108,6 +109,21 @@ async fn start_async(
 
 /// `GET /fhir/_async/{id}`: 202 while running, then 200 with a batch-response Bundle: the
 /// request's own answer, then each DiagnosticReport it produced.
+#[utoipa::path(
+    get,
+    path = "/fhir/_async/{id}",
+    tag = "FHIR R4",
+    summary = "Status of a Prefer: respond-async request",
+    description = "202 (X-Progress) while the analyses it triggered run; then 200 with a batch-response Bundle: the request's own answer, then each DiagnosticReport it produced. 500 incomplete when a restart cut the analyses short (the resources are stored).",
+    params(
+        ("id" = String, Path)
+    ),
+    responses(
+        (status = 200, description = "batch-response Bundle", content_type = "application/fhir+json"),
+        (status = 202, description = "still running"),
+        (status = 404, response = Problem)
+    )
+)]
 pub async fn async_status(
     State(state): State<AppState>,
     Extension(access): Extension<Access>,
@@ -291,6 +307,18 @@ fn trigger_headers(r: &mut Response, t: &crate::jobs::Triggered, base: &str) {
 }
 
 /// `GET /fhir/metadata`.
+#[utoipa::path(
+    get,
+    path = "/fhir/metadata",
+    tag = "FHIR R4",
+    summary = "CapabilityStatement",
+    description = "Exactly what this server implements: resource types, interactions, search parameters, operations.",
+    responses(
+        (status = 200, description = "FHIR resource or Bundle", content_type = "application/fhir+json"),
+        (status = 400, response = Problem),
+        (status = 404, response = Problem)
+    )
+)]
 pub async fn metadata(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let security = match &state.auth {
         Some(a) => {
@@ -313,6 +341,22 @@ pub async fn metadata(State(state): State<AppState>, headers: HeaderMap) -> Resp
 }
 
 /// `POST /fhir`: transaction, batch, or a Bundle to store.
+#[utoipa::path(
+    post,
+    path = "/fhir",
+    tag = "FHIR R4",
+    summary = "Transaction, batch, or a Bundle to store",
+    description = "transaction: atomic, urn:uuid references resolved, transaction-response; batch: each entry answered on its own (batch-response); any other Bundle type (collection, document, message, ...) is stored as a Bundle resource (201).",
+    request_body(content_type = "application/fhir+json"),
+    responses(
+        (status = 200, description = "FHIR resource or Bundle", content_type = "application/fhir+json"),
+        (status = 400, response = Problem),
+        (status = 404, response = Problem),
+        (status = 413, response = Problem),
+        (status = 415, response = Problem),
+        (status = 422, response = Problem)
+    )
+)]
 pub async fn post_bundle(
     State(state): State<AppState>,
     Extension(access): Extension<Access>,
@@ -354,6 +398,25 @@ pub async fn post_bundle(
 }
 
 /// `POST /fhir/{type}`: create.
+#[utoipa::path(
+    post,
+    path = "/fhir/{type}",
+    tag = "FHIR R4",
+    summary = "Create",
+    description = "Server-assigned id; 201 with Location, ETag and Last-Modified. Prefer: return=minimal|representation|OperationOutcome. Stored Patients and lab Observations trigger an ICU-risk assessment when the risk features change.",
+    params(
+        ("type" = String, Path)
+    ),
+    request_body(content_type = "application/fhir+json"),
+    responses(
+        (status = 201, description = "FHIR resource or Bundle", content_type = "application/fhir+json"),
+        (status = 400, response = Problem),
+        (status = 404, response = Problem),
+        (status = 413, response = Problem),
+        (status = 415, response = Problem),
+        (status = 422, response = Problem)
+    )
+)]
 pub async fn create(
     State(state): State<AppState>,
     Extension(access): Extension<Access>,
@@ -423,6 +486,26 @@ fn if_match(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
 }
 
 /// `PUT /fhir/{type}/{id}`: update (or create with this id).
+#[utoipa::path(
+    put,
+    path = "/fhir/{type}/{id}",
+    tag = "FHIR R4",
+    summary = "Update",
+    description = "A new version (or the first one, with this id). If-Match: W/\"n\" is checked (412).",
+    params(
+        ("type" = String, Path),
+        ("id" = String, Path)
+    ),
+    request_body(content_type = "application/fhir+json"),
+    responses(
+        (status = 200, description = "FHIR resource or Bundle", content_type = "application/fhir+json"),
+        (status = 400, response = Problem),
+        (status = 404, response = Problem),
+        (status = 413, response = Problem),
+        (status = 415, response = Problem),
+        (status = 422, response = Problem)
+    )
+)]
 pub async fn update(
     State(state): State<AppState>,
     Extension(access): Extension<Access>,
@@ -450,6 +533,22 @@ pub async fn update(
 }
 
 /// `GET /fhir/{type}/{id}`: read.
+#[utoipa::path(
+    get,
+    path = "/fhir/{type}/{id}",
+    tag = "FHIR R4",
+    summary = "Read",
+    description = "The current version, with ETag.",
+    params(
+        ("type" = String, Path),
+        ("id" = String, Path)
+    ),
+    responses(
+        (status = 200, description = "FHIR resource or Bundle", content_type = "application/fhir+json"),
+        (status = 400, response = Problem),
+        (status = 404, response = Problem)
+    )
+)]
 pub async fn read(
     State(state): State<AppState>,
     Extension(access): Extension<Access>,
@@ -464,6 +563,23 @@ pub async fn read(
 }
 
 /// `GET /fhir/{type}/{id}/_history/{vid}`: vread.
+#[utoipa::path(
+    get,
+    path = "/fhir/{type}/{id}/_history/{vid}",
+    tag = "FHIR R4",
+    summary = "Vread",
+    description = "One version.",
+    params(
+        ("type" = String, Path),
+        ("id" = String, Path),
+        ("vid" = String, Path)
+    ),
+    responses(
+        (status = 200, description = "FHIR resource or Bundle", content_type = "application/fhir+json"),
+        (status = 400, response = Problem),
+        (status = 404, response = Problem)
+    )
+)]
 pub async fn vread(
     State(state): State<AppState>,
     Extension(access): Extension<Access>,
@@ -478,6 +594,21 @@ pub async fn vread(
 }
 
 /// `GET /fhir/{type}?…`: search.
+#[utoipa::path(
+    get,
+    path = "/fhir/{type}",
+    tag = "FHIR R4",
+    summary = "Search",
+    description = "Parameters per type (see /fhir/metadata): _id, _lastUpdated, patient, subject, code, date, status, identifier, ...; _count and next/previous links. Unknown parameters are reported in the searchset, or refused with Prefer: handling=strict.",
+    params(
+        ("type" = String, Path)
+    ),
+    responses(
+        (status = 200, description = "FHIR resource or Bundle", content_type = "application/fhir+json"),
+        (status = 400, response = Problem),
+        (status = 404, response = Problem)
+    )
+)]
 pub async fn search(
     State(state): State<AppState>,
     Extension(access): Extension<Access>,
@@ -517,6 +648,26 @@ pub async fn search(
 }
 
 /// `POST /fhir/{type}/{id}`: only `$operations` (`RiskAssessment/$predict`).
+#[utoipa::path(
+    post,
+    path = "/fhir/{type}/{id}",
+    tag = "FHIR R4",
+    summary = "FHIR operation: `POST /fhir/RiskAssessment/$predict`, ICU-risk prediction",
+    description = "Body: a Bundle with the Patient and lab Observations (LOINC, UCUM), or Parameters with `subject` (a stored Patient) or `resource` parts. Answers a collection Bundle with the RiskAssessment, its Provenance and the model's Device; stored when the subject is a stored Patient. 422 names missing required features.",
+    params(
+        ("type" = String, Path, description = "`RiskAssessment`"),
+        ("id" = String, Path, description = "The operation: `$predict` (any other answers 501 OperationOutcome `not-supported`)")
+    ),
+    request_body(content_type = "application/fhir+json"),
+    responses(
+        (status = 200, description = "FHIR resource or Bundle", content_type = "application/fhir+json"),
+        (status = 400, response = Problem),
+        (status = 404, response = Problem),
+        (status = 413, response = Problem),
+        (status = 415, response = Problem),
+        (status = 422, response = Problem)
+    )
+)]
 pub async fn operation(
     State(state): State<AppState>,
     Extension(access): Extension<Access>,

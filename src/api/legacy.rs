@@ -10,7 +10,9 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Form, Json};
 use base64::Engine as _;
-use serde_json::{json, Value};
+use serde::Serialize;
+
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::base_url;
@@ -20,11 +22,61 @@ use crate::app::AppState;
 use crate::imaging::MediaType;
 use crate::inference::ImageModel;
 
+/// The demo's form: field `b64` holds a base64-encoded PNG or JPEG file (urlencoded or
+/// multipart).
+#[derive(ToSchema)]
+pub struct LegacyForm {
+    /// Base64 of a PNG or JPEG file.
+    pub b64: String,
+}
+
+/// The demo's classification answer (its key spellings kept).
+#[derive(Serialize, ToSchema)]
+pub struct LegacyPrediction {
+    /// The model's name.
+    pub model_name: String,
+    /// Predicted label, in the demo's words.
+    #[serde(rename = "X-Ray_Classification_Result")]
+    pub result: String,
+    /// Raw probabilities `[[p0, p1, p2]]` (key spelling `Classfication` kept from the 2020 API).
+    #[serde(rename = "X-Ray_Classfication_Raw_Result")]
+    pub raw: Vec<Vec<f64>>,
+}
+
+/// The demo's heatmap answer: the classification, the COVID-19 probability and where the
+/// input and heatmap images are.
+#[derive(Serialize, ToSchema)]
+pub struct LegacyHeatmapPrediction {
+    /// The classification.
+    #[serde(flatten)]
+    pub prediction: LegacyPrediction,
+    /// COVID-19 probability, rounded to two decimals.
+    #[serde(rename = "X-Ray_Classification_Covid19_Probability")]
+    pub covid19_probability: f64,
+    /// URL under `/static/source/`.
+    #[serde(rename = "Input_Image")]
+    pub input_image: String,
+    /// URL under `/static/result/`.
+    #[serde(rename = "Output_Heatmap")]
+    pub output_heatmap: String,
+}
+
 const COVID: &str = "840539006";
 const PNEUMONIA: &str = "233604007";
 const NORMAL: &str = "281900007";
 
 /// `GET /covid19/api/v1/healthcheck`.
+#[utoipa::path(
+    get,
+    path = "/covid19/api/v1/healthcheck",
+    tag = "legacy covid19 demo",
+    operation_id = "legacyHealthcheck",
+    summary = "Legacy health check",
+    description = "2020 demo API. Returns a JSON string.",
+    responses(
+        (status = 200, description = "Live.", body = String, content_type = "application/json")
+    )
+)]
 pub async fn healthcheck() -> Json<&'static str> {
     Json("Covid19 detector API is live!\n\n")
 }
@@ -143,20 +195,34 @@ async fn run(state: &AppState, req: Request) -> Result<(Analysis, HeaderMap), Le
     Ok((a, headers))
 }
 
-fn raw(a: &Analysis) -> Value {
-    json!([a
+fn raw(a: &Analysis) -> Vec<Vec<f64>> {
+    vec![a
         .prediction
         .probabilities
         .iter()
         .map(|p| f64::from(*p))
-        .collect::<Vec<_>>()])
+        .collect()]
 }
 
-fn timed(a: &Analysis, body: Value) -> Response {
+fn timed(a: &Analysis, body: impl Serialize) -> Response {
     ([("server-timing", a.server_timing())], Json(body)).into_response()
 }
 
 /// `POST /covid19/api/v1/predict/`: class and raw probabilities.
+#[utoipa::path(
+    post,
+    path = "/covid19/api/v1/predict/",
+    tag = "legacy covid19 demo",
+    operation_id = "legacyPredict",
+    summary = "Legacy classification",
+    description = "2020 demo API: classify a base64-encoded PNG/JPEG sent in form field `b64`.",
+    request_body(content((crate::api::legacy::LegacyForm = "application/x-www-form-urlencoded"), (crate::api::legacy::LegacyForm = "multipart/form-data")), description = "Form with a field `b64` holding a base64-encoded PNG/JPEG file."),
+    responses(
+        (status = 200, description = "Classification.", body = crate::api::legacy::LegacyPrediction, content_type = "application/json"),
+        (status = 400, description = "Invalid base64 or not an image (`{\"detail\": ...}`).", body = crate::api::error::LegacyDetail, content_type = "application/json"),
+        (status = 413, description = "Request body too large (`{\"detail\": ...}`).", body = crate::api::error::LegacyDetail, content_type = "application/json")
+    )
+)]
 pub async fn predict(State(state): State<AppState>, req: Request) -> Result<Response, LegacyError> {
     let bytes = b64_field(req).await?;
     let media = media(&bytes)?;
@@ -164,17 +230,31 @@ pub async fn predict(State(state): State<AppState>, req: Request) -> Result<Resp
     let (p, class, timings) = pipeline::classify(model.clone(), bytes, media)
         .await
         .map_err(|e| LegacyError::from(ApiError::from(e)))?;
-    let body = json!({
-        "model_name": model.manifest.name,
-        "X-Ray_Classification_Result": legacy_label(&model, class),
-        "X-Ray_Classfication_Raw_Result": [p.iter().map(|v| f64::from(*v)).collect::<Vec<_>>()],
-    });
+    let body = LegacyPrediction {
+        model_name: model.manifest.name.clone(),
+        result: legacy_label(&model, class),
+        raw: vec![p.iter().map(|v| f64::from(*v)).collect()],
+    };
     let timing = pipeline::server_timing(&timings);
     Ok(([("server-timing", timing)], Json(body)).into_response())
 }
 
 /// `POST /covid19/api/v1/predict/heatmap`: the demo's wording, plus URLs of the stored input and
 /// heatmap overlay.
+#[utoipa::path(
+    post,
+    path = "/covid19/api/v1/predict/heatmap",
+    tag = "legacy covid19 demo",
+    operation_id = "legacyPredictHeatmap",
+    summary = "Legacy classification with heatmap",
+    description = "2020 demo API: like `/predict/`, plus the COVID-19 probability and URLs of the input image and heatmap under `/static/`.",
+    request_body(content((crate::api::legacy::LegacyForm = "application/x-www-form-urlencoded"), (crate::api::legacy::LegacyForm = "multipart/form-data")), description = "Form with a field `b64` holding a base64-encoded PNG/JPEG file."),
+    responses(
+        (status = 200, description = "Classification with heatmap URLs.", body = crate::api::legacy::LegacyHeatmapPrediction, content_type = "application/json"),
+        (status = 400, description = "Invalid base64 or not an image (`{\"detail\": ...}`).", body = crate::api::error::LegacyDetail, content_type = "application/json"),
+        (status = 413, description = "Request body too large (`{\"detail\": ...}`).", body = crate::api::error::LegacyDetail, content_type = "application/json")
+    )
+)]
 pub async fn predict_heatmap(
     State(state): State<AppState>,
     req: Request,
@@ -199,14 +279,16 @@ pub async fn predict_heatmap(
         ("Covid-19 Negative; Bacterial Penumonia Negative", "Normal")
     };
     let base = base_url(&state, &headers);
-    let body = json!({
-        "model_name": a.model.manifest.name,
-        "X-Ray_Classification_Result": text,
-        "X-Ray_Classification_Covid19_Probability": pos as f64 / 100.0,
-        "X-Ray_Classfication_Raw_Result": raw(&a),
-        "Input_Image": format!("{base}/static/source/{}.png", a.id),
-        "Output_Heatmap": format!("{base}/static/result/{prefix}_{pos}_{}_png.png", a.id),
-    });
+    let body = LegacyHeatmapPrediction {
+        prediction: LegacyPrediction {
+            model_name: a.model.manifest.name.clone(),
+            result: text.to_string(),
+            raw: raw(&a),
+        },
+        covid19_probability: pos as f64 / 100.0,
+        input_image: format!("{base}/static/source/{}.png", a.id),
+        output_heatmap: format!("{base}/static/result/{prefix}_{pos}_{}_png.png", a.id),
+    };
     Ok(timed(&a, body))
 }
 
@@ -232,6 +314,21 @@ async fn legacy_blob(
 }
 
 /// `GET /static/source/{file}`: the decoded input of a heatmap request.
+#[utoipa::path(
+    get,
+    path = "/static/source/{file}",
+    tag = "legacy covid19 demo",
+    operation_id = "legacyStaticSource",
+    summary = "Legacy input image",
+    description = "PNG referenced by the legacy input image (`Input_Image`) URL.",
+    params(
+        ("file" = String, Path, description = "File name, e.g. `<id>.png`.")
+    ),
+    responses(
+        (status = 200, description = "PNG image.", body = String, content_type = "image/png"),
+        (status = 404, description = "No such file (`{\"detail\": ...}`).", body = crate::api::error::LegacyDetail, content_type = "application/json")
+    )
+)]
 pub async fn source_image(
     State(state): State<AppState>,
     Path(file): Path<String>,
@@ -240,6 +337,21 @@ pub async fn source_image(
 }
 
 /// `GET /static/result/{file}`: the heatmap overlay of a heatmap request.
+#[utoipa::path(
+    get,
+    path = "/static/result/{file}",
+    tag = "legacy covid19 demo",
+    operation_id = "legacyStaticResult",
+    summary = "Legacy heatmap",
+    description = "PNG referenced by the legacy heatmap (`Output_Heatmap`) URL.",
+    params(
+        ("file" = String, Path, description = "File name, e.g. `<id>.png`.")
+    ),
+    responses(
+        (status = 200, description = "PNG image.", body = String, content_type = "image/png"),
+        (status = 404, description = "No such file (`{\"detail\": ...}`).", body = crate::api::error::LegacyDetail, content_type = "application/json")
+    )
+)]
 pub async fn result_image(
     State(state): State<AppState>,
     Path(file): Path<String>,

@@ -4,6 +4,7 @@
 pub mod analyze;
 pub mod auth;
 pub mod dicomweb;
+pub mod doc;
 pub mod error;
 pub mod fhir;
 pub mod legacy;
@@ -12,123 +13,97 @@ pub mod ops;
 pub mod serve;
 
 use axum::extract::DefaultBodyLimit;
-use axum::handler::Handler;
 use axum::http::HeaderMap;
-use axum::routing::{get, post};
 use axum::Router;
+use utoipa::OpenApi as _;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::app::AppState;
 
-/// The whole router.
+/// The whole router: [`routes`] with the body limits, the authorization layer on every route
+/// (inside the request log and metrics), and the state.
 pub fn router(state: AppState) -> Router {
-    let limit = state.max_body;
     let fhir_limit = DefaultBodyLimit::max(state.fhir_max_body);
-    Router::new()
-        .route("/", get(meta::index))
-        .route("/docs", get(meta::docs))
-        .route("/openapi.json", get(meta::openapi))
-        .route("/healthz", get(meta::healthz))
-        .route(
-            "/.well-known/smart-configuration",
-            get(auth::smart_configuration),
-        )
-        .route(
-            "/fhir/.well-known/smart-configuration",
-            get(auth::smart_configuration),
-        )
-        .route("/readyz", get(meta::readyz))
-        .route("/metrics", get(ops::metrics))
-        .route("/v1/jobs", get(ops::list))
-        .route("/v1/jobs/{id}", get(ops::get))
-        .route("/v1/models", get(meta::models))
-        .route("/v1/analyze", post(analyze::analyze))
-        .route("/v1/results/{id}", get(analyze::result))
-        .route("/v1/results/{id}/bundle", get(analyze::bundle))
-        .route("/v1/results/{id}/overlay.png", get(analyze::overlay))
-        .route("/v1/results/{id}/input.png", get(analyze::input))
-        .route("/v1/instances/{sop}", get(dicomweb::instance_status))
-        .route("/v1/studies/{study}/instances", get(dicomweb::study_status))
-        .route("/v1/exports", get(dicomweb::exports))
-        .route(
-            "/dicomweb/studies",
-            get(dicomweb::search_studies).post(dicomweb::stow),
-        )
-        .route(
-            "/dicomweb/studies/{study}",
-            get(dicomweb::retrieve).post(dicomweb::stow_study),
-        )
-        .route("/dicomweb/studies/{study}/metadata", get(dicomweb::metadata))
-        .route(
-            "/dicomweb/studies/{study}/series",
-            get(dicomweb::search_study_series),
-        )
-        .route(
-            "/dicomweb/studies/{study}/instances",
-            get(dicomweb::search_scoped_instances),
-        )
-        .route(
-            "/dicomweb/studies/{study}/series/{series}",
-            get(dicomweb::retrieve),
-        )
-        .route(
-            "/dicomweb/studies/{study}/series/{series}/metadata",
-            get(dicomweb::metadata),
-        )
-        .route(
-            "/dicomweb/studies/{study}/series/{series}/instances",
-            get(dicomweb::search_scoped_instances),
-        )
-        .route(
-            "/dicomweb/studies/{study}/series/{series}/instances/{instance}",
-            get(dicomweb::retrieve),
-        )
-        .route(
-            "/dicomweb/studies/{study}/series/{series}/instances/{instance}/metadata",
-            get(dicomweb::metadata),
-        )
-        .route(
-            "/dicomweb/studies/{study}/series/{series}/instances/{instance}/rendered",
-            get(dicomweb::rendered),
-        )
-        .route(
-            "/dicomweb/studies/{study}/series/{series}/instances/{instance}/frames/{frame}/rendered",
-            get(dicomweb::rendered),
-        )
-        .route("/dicomweb/series", get(dicomweb::search_series))
-        .route("/dicomweb/instances", get(dicomweb::search_instances))
-        .route(
-            "/fhir",
-            post(fhir::post_bundle).layer(fhir_limit),
-        )
-        .route("/fhir/metadata", get(fhir::metadata))
-        .route("/fhir/_async/{id}", get(fhir::async_status))
-        .route(
-            "/fhir/{type}",
-            get(fhir::search).post(fhir::create.layer(fhir_limit)),
-        )
-        .route(
-            "/fhir/{type}/{id}",
-            get(fhir::read)
-                .put(fhir::update.layer(fhir_limit))
-                .post(fhir::operation.layer(fhir_limit)),
-        )
-        .route("/fhir/{type}/{id}/_history/{vid}", get(fhir::vread))
-        .route("/covid19/api/v1/healthcheck", get(legacy::healthcheck))
-        .route("/covid19/api/v1/predict/", post(legacy::predict))
-        .route(
-            "/covid19/api/v1/predict/heatmap",
-            post(legacy::predict_heatmap),
-        )
-        .route("/static/source/{file}", get(legacy::source_image))
-        .route("/static/result/{file}", get(legacy::result_image))
-        .layer(DefaultBodyLimit::max(limit))
-        // every route: the authorization layer (inside the request log and metrics)
+    let (router, _) = service_routes()
+        .merge(fhir_routes().layer(fhir_limit))
+        .layer(DefaultBodyLimit::max(state.max_body))
+        .split_for_parts();
+    router
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::authorize,
         ))
         .route_layer(axum::middleware::from_fn(ops::observe))
         .with_state(state)
+}
+
+/// Every operation, each routed from its handler's `#[utoipa::path]` attribute: the OpenAPI
+/// document ([`doc::spec`]) and the routing table are one list, so they cannot drift.
+pub fn routes() -> OpenApiRouter<AppState> {
+    service_routes().merge(fhir_routes())
+}
+
+/// Everything but the FHIR REST API (which has its own body limit).
+fn service_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(doc::ApiDoc::openapi())
+        .routes(routes!(meta::index))
+        .routes(routes!(meta::docs))
+        .routes(routes!(meta::docs_index))
+        .routes(routes!(meta::docs_file))
+        .routes(routes!(meta::openapi))
+        .routes(routes!(meta::healthz))
+        .routes(routes!(meta::readyz))
+        .routes(routes!(auth::smart_configuration))
+        .routes(routes!(auth::fhir_smart_configuration))
+        .routes(routes!(ops::metrics))
+        .routes(routes!(ops::list))
+        .routes(routes!(ops::get))
+        .routes(routes!(meta::models))
+        .routes(routes!(analyze::analyze))
+        .routes(routes!(analyze::result))
+        .routes(routes!(analyze::bundle))
+        .routes(routes!(analyze::overlay))
+        .routes(routes!(analyze::input))
+        .merge(dicom_routes())
+        .routes(routes!(legacy::healthcheck))
+        .routes(routes!(legacy::predict))
+        .routes(routes!(legacy::predict_heatmap))
+        .routes(routes!(legacy::source_image))
+        .routes(routes!(legacy::result_image))
+}
+
+/// DICOMweb (STOW-RS, QIDO-RS, WADO-RS) and where received instances are in the flow.
+fn dicom_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(dicomweb::instance_status))
+        .routes(routes!(dicomweb::study_status))
+        .routes(routes!(dicomweb::exports))
+        .routes(routes!(dicomweb::search_studies, dicomweb::stow))
+        .routes(routes!(dicomweb::retrieve_study, dicomweb::stow_study))
+        .routes(routes!(dicomweb::study_metadata))
+        .routes(routes!(dicomweb::search_study_series))
+        .routes(routes!(dicomweb::search_study_instances))
+        .routes(routes!(dicomweb::retrieve_series))
+        .routes(routes!(dicomweb::series_metadata))
+        .routes(routes!(dicomweb::search_series_instances))
+        .routes(routes!(dicomweb::retrieve_instance))
+        .routes(routes!(dicomweb::instance_metadata))
+        .routes(routes!(dicomweb::rendered_instance))
+        .routes(routes!(dicomweb::rendered_frame))
+        .routes(routes!(dicomweb::search_series))
+        .routes(routes!(dicomweb::search_instances))
+}
+
+/// The FHIR R4 REST API.
+fn fhir_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(fhir::post_bundle))
+        .routes(routes!(fhir::metadata))
+        .routes(routes!(fhir::async_status))
+        .routes(routes!(fhir::search, fhir::create))
+        .routes(routes!(fhir::read, fhir::update, fhir::operation))
+        .routes(routes!(fhir::vread))
 }
 
 /// The base URL for links: the configured public URL, or `http://<Host>` of the request when

@@ -9,9 +9,9 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
 use tracing::Instrument;
 
+use super::doc::OperationOutcome;
 use super::error::ApiError;
 use crate::app::AppState;
 use crate::metrics;
@@ -38,10 +38,30 @@ fn one_of<T>(
 ///
 /// # Errors
 /// 400 for an unknown state or kind, or a bad number; 503 when the database is down.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs",
+    tag = "ops",
+    operation_id = "listJobs",
+    summary = "Jobs of the durable queue, newest first",
+    description = "Analyses, ImagingStudy analyses and risk assessments are jobs in the database, enqueued in the same transaction as the data they work on. Filter by state (dead = the dead-letter state, with last_error), kind and subject.",
+    params(
+        ("state" = Option<crate::store::JobState>, Query, description = "Only jobs in this state (`dead`: the dead-letter state, with last_error)."),
+        ("kind" = Option<crate::store::JobKind>, Query, description = "Only jobs of this kind."),
+        ("subject" = Option<String>, Query, description = "Only jobs on this subject: a SOP Instance UID, `ImagingStudy/<id>`, `Patient/<id>`."),
+        ("_count" = Option<i64>, Query, description = "(default 100; at most 1000)"),
+        ("offset" = Option<i64>, Query, description = "(default 0)")
+    ),
+    responses(
+        (status = 200, description = "Jobs.", body = JobList, content_type = "application/json"),
+        (status = 400, description = "Unknown state or bad number.", body = OperationOutcome, content_type = "application/fhir+json"),
+        (status = 503, description = "Database unavailable (Retry-After).", body = OperationOutcome, content_type = "application/fhir+json")
+    )
+)]
 pub async fn list(
     State(state): State<AppState>,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<JobList>, ApiError> {
     let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid", m);
     let job_state = one_of(&q, "state", JobState::parse, "queued, running, done, dead")?;
     let kind = one_of(&q, "kind", JobKind::parse, "analyse, imaging-study, risk")?;
@@ -64,13 +84,34 @@ pub async fn list(
             offset,
         )
         .await?;
-    Ok(Json(json!({ "jobs": jobs })))
+    Ok(Json(JobList { jobs }))
+}
+
+/// A page of jobs, newest first.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct JobList {
+    /// The jobs.
+    pub jobs: Vec<crate::store::Job>,
 }
 
 /// `GET /v1/jobs/{id}`.
 ///
 /// # Errors
 /// 404 for an unknown job; 503 when the database is down.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}",
+    tag = "ops",
+    operation_id = "getJob",
+    summary = "One job",
+    params(
+        ("id" = String, Path)
+    ),
+    responses(
+        (status = 200, description = "The job.", body = crate::store::Job, content_type = "application/json"),
+        (status = 404, description = "No such job.", body = OperationOutcome, content_type = "application/fhir+json")
+    )
+)]
 pub async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -84,6 +125,17 @@ pub async fn get(
 }
 
 /// `GET /metrics`: Prometheus text format (queue depth read from the database now).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "ops",
+    operation_id = "metrics",
+    summary = "Prometheus metrics",
+    description = "Text exposition 0.0.4: carina_http_requests_total and carina_http_request_duration_seconds by route template and status, carina_jobs (queue depth by kind and state), carina_job_outcomes_total, carina_job_duration_seconds, carina_inference_duration_seconds, carina_inference_batch_size, carina_gradcam_duration_seconds, carina_dimse_associations_total, carina_dimse_stores_total.",
+    responses(
+        (status = 200, description = "Metrics.", body = String, content_type = "text/plain")
+    )
+)]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let queue = state.store.job_counts().await.unwrap_or_default();
     (

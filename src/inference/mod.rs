@@ -88,7 +88,7 @@ pub struct Registry {
 }
 
 /// One line of `carina models` / `GET /v1/models`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ModelInfo {
     /// Name.
     pub name: String,
@@ -107,11 +107,12 @@ pub struct ModelInfo {
     /// Execution provider.
     pub provider: &'static str,
     /// Folder.
+    #[schema(value_type = String)]
     pub path: PathBuf,
 }
 
 /// An input tensor.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct InputInfo {
     /// Name.
     pub name: String,
@@ -120,7 +121,7 @@ pub struct InputInfo {
 }
 
 /// A label.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct LabelInfo {
     /// Key.
     pub key: String,

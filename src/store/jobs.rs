@@ -20,7 +20,7 @@ const COLUMNS: &str = "id, kind, subject, payload, state, attempts, max_attempts
     lease_owner, lease_until, last_error, result, created, updated";
 
 /// Where a job is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum JobState {
     /// Waiting (due at `run_at`).
@@ -57,7 +57,7 @@ impl JobState {
 }
 
 /// What a job does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum JobKind {
     /// Analyse one stored DICOM instance (subject: its SOP Instance UID).
@@ -120,7 +120,7 @@ pub struct NewJob {
 }
 
 /// A stored job (`GET /v1/jobs/{id}`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Job {
     /// Id.
     pub id: String,

@@ -92,7 +92,7 @@ impl StoreError {
 }
 
 /// A stored analysis summary (`GET /v1/results/{id}`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ResultRow {
     /// Id.
     pub id: String,
@@ -106,7 +106,8 @@ pub struct ResultRow {
     pub label: String,
     /// Winning label display.
     pub display: String,
-    /// `{key: p}`.
+    /// Probability per class key: `{key: p}`.
+    #[schema(value_type = std::collections::BTreeMap<String, f64>)]
     pub probabilities: serde_json::Value,
     /// Heatmap method.
     pub cam_method: String,
