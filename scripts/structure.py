@@ -125,12 +125,15 @@ def sccs(graph: dict) -> list:
 
 
 def handlers() -> list:
-    """Lengths of `async fn` bodies in src/api (the HTTP handlers and their helpers)."""
+    """Lengths of `async fn` bodies in src/api: route handlers (the functions with a
+    `#[utoipa::path]` attribute, from which the router registers them) are named `route:`,
+    the others (middleware, helpers) `helper:`."""
     out = []
     for p in sorted((SRC / "api").rglob("*.rs")):
         lines = strip_tests(p.read_text()).splitlines()
-        i = 0
+        i, routed = 0, False
         while i < len(lines):
+            routed = routed or lines[i].lstrip().startswith("#[utoipa::path(")
             m = re.match(r"\s*(pub(\([a-z]+\))? )?async fn ([a-z0-9_]+)", lines[i])
             if m:
                 depth, start, j, opened = 0, i, i, False
@@ -140,8 +143,9 @@ def handlers() -> list:
                     if opened and depth <= 0:
                         break
                     j += 1
-                out.append((j - start + 1, f"{p}:{m.group(3)}"))
-                i = j
+                kind = "route" if routed else "helper"
+                out.append((j - start + 1, f"{kind}: {p}:{m.group(3)}"))
+                i, routed = j, False
             i += 1
     return sorted(out, reverse=True)
 
@@ -184,7 +188,8 @@ def main():
         "cycles": cycles,
         "top_level_cycles": top_cycles,
         "upward": sorted(upward),
-        "longest_handlers": [f"{n} {where}" for n, where in hs[:8]],
+        "longest_handlers": [f"{n} {where}" for n, where in hs if "route:" in where][:5],
+        "longest_helpers": [f"{n} {where}" for n, where in hs if "helper:" in where][:5],
         "wirings": wirings(),
     }
     if "--json" in sys.argv:
@@ -200,8 +205,11 @@ def main():
     print(f"upward imports (against lib.rs's order): {len(upward)}")
     for u in sorted(upward):
         print(f"  {u}")
-    print("longest async fns in src/api (lines):")
+    print("longest route handlers in src/api (lines):")
     for h in report["longest_handlers"]:
+        print(f"  {h}")
+    print("longest other async fns in src/api (middleware, helpers):")
+    for h in report["longest_helpers"]:
         print(f"  {h}")
     ways = {"App::build" if "App::build" in open(w.split(":")[0]).read().splitlines()[int(w.split(":")[1]) - 1] else w for w in report["wirings"]}
     print(f"ways the app is wired: {len(ways)}; places outside app.rs: {len(report['wirings'])}")

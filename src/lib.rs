@@ -1,7 +1,5 @@
 //! Carina puts AI models into hospital workflows. Data flows down this list; a module imports
-//! only modules below it, with one named exception (the store builds its FHIR search index with
-//! [`fhir::index`], which stands above it beside the FHIR REST interactions that call the
-//! store). `scripts/structure.py` checks this order.
+//! only modules below it. `scripts/structure.py` checks this order.
 //!
 //! - [`cli`]: the `carina serve | predict | models` commands (`main` is settings → telemetry
 //!   → models → [`app::App::build`] → run).
@@ -25,10 +23,12 @@
 //! - [`inference`]: model manifests, ONNX Runtime sessions and batching, preprocessing, Grad-CAM.
 //! - [`outbound`]: the one outbound HTTP client (allow-list, address guard, size caps,
 //!   deadlines), and the clients on it: PACS export (DIMSE and STOW-RS), WADO-RS retrieve.
-//! - [`fhir`]: the FHIR R4 server's rules: validation, REST interactions, Bundles, search
-//!   parameters and their index, capability.
+//! - [`fhir`]: the FHIR R4 server's rules: validation, REST interactions, Bundles, search,
+//!   compartments, capability.
 //! - [`store`]: all SQL (sqlx, SQLite or PostgreSQL) and blob files: instances, FHIR resources,
 //!   analyses, the job queue and its clock; never calls up.
+//! - [`fhir_model`]: FHIR R4 as data: resource types, search parameters and the index rows of
+//!   a resource, reference and date normalisation (the store indexes with it).
 //! - [`audit`]: the audit trail: AuditEvents (DICOM/IHE ATNA codes), the acting task's actor,
 //!   syslog (the store writes them with each change).
 //! - [`dicom`]: DICOM as data: parsing, routing rules, DICOM JSON, Secondary Capture, the DIMSE
@@ -44,6 +44,7 @@ pub mod cli;
 pub mod config;
 pub mod dicom;
 pub mod fhir;
+pub mod fhir_model;
 pub mod imaging;
 pub mod inference;
 pub mod ingest;

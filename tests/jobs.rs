@@ -124,20 +124,12 @@ async fn lease_expiry_retry_backoff_and_dead_letter() {
     assert_eq!(j.state, JobState::Dead);
     assert!(j.last_error.unwrap().contains("lease expired"));
 
-    // pruning removes finished jobs older than the cutoff, never dead ones
-    let future = clock.now() + chrono::Duration::seconds(5);
-    assert_eq!(
-        store
-            .prune_jobs(chrono::Utc::now() - chrono::Duration::days(1))
-            .await
-            .unwrap(),
-        0
-    );
-    assert_eq!(
-        store.prune_jobs(future).await.unwrap(),
-        1,
-        "the one done job"
-    );
+    // pruning removes jobs finished longer than `keep` ago on the queue's clock, never dead
+    // ones
+    let day = Duration::from_secs(86_400);
+    assert_eq!(store.prune_jobs(day).await.unwrap(), 0);
+    clock.advance(day + Duration::from_secs(5));
+    assert_eq!(store.prune_jobs(day).await.unwrap(), 1, "the one done job");
     assert!(store.job(&id2).await.unwrap().is_none());
     assert!(
         store.job(&id).await.unwrap().is_some(),

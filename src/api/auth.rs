@@ -252,8 +252,13 @@ pub async fn smart_configuration(State(state): State<AppState>) -> Response {
         return ApiError::not_found("authorization is off on this server").into_response();
     };
     let e = auth.endpoints().await;
-    Json(json!({
-        "issuer": auth.issuer(),
+    Json(smart_document(auth.issuer(), e)).into_response()
+}
+
+/// The SMART configuration document: `issuer`'s endpoints and what Carina supports.
+fn smart_document(issuer: &str, e: crate::auth::Endpoints) -> serde_json::Value {
+    json!({
+        "issuer": issuer,
         "jwks_uri": e.jwks_uri,
         "token_endpoint": e.token_endpoint,
         "authorization_endpoint": e.authorization_endpoint,
@@ -270,8 +275,7 @@ pub async fn smart_configuration(State(state): State<AppState>) -> Response {
             "context-standalone-patient", "permission-v1", "permission-v2", "permission-patient",
             "permission-user"
         ],
-    }))
-    .into_response()
+    })
 }
 
 #[cfg(test)]

@@ -368,23 +368,25 @@ pub async fn post_bundle(
     accepting(&state).await?;
     let (ret, _, respond_async) = prefer_all(&headers);
     let base = fhir_base(&state, &headers);
-    let plan = |w: &[Stored]| state.jobs.plan(w);
     let full = ret == Return::Representation;
-    let result = bundle::post(&state.store, &plan, value, &base, full).await?;
+    let result = bundle::post(&state.store, &state.jobs, value, &base, full).await?;
+    let status = StatusCode::from_u16(result.status).unwrap_or(StatusCode::OK);
     if respond_async {
-        let status = StatusCode::from_u16(result.status).unwrap_or(StatusCode::OK);
-        return start_async(
-            &state,
-            &base,
-            &result.jobs,
-            status,
-            result.location,
-            &result.body,
-        )
-        .await;
+        let (jobs, location) = (&result.jobs, result.location);
+        return start_async(&state, &base, jobs, status, location, &result.body).await;
     }
     let triggered = state.jobs.wait(&result.jobs, state.sync_wait).await;
-    let status = StatusCode::from_u16(result.status).unwrap_or(StatusCode::OK);
+    Ok(bundle_answer(result, status, ret, &triggered, &base))
+}
+
+/// The answer to a POSTed Bundle once its jobs finished or the sync wait passed.
+fn bundle_answer(
+    result: bundle::BundleResult,
+    status: StatusCode,
+    ret: Return,
+    triggered: &crate::jobs::Triggered,
+    base: &str,
+) -> Response {
     let mut r = if status == StatusCode::CREATED && ret == Return::Minimal {
         status.into_response()
     } else {
@@ -393,8 +395,8 @@ pub async fn post_bundle(
     if let Some(l) = result.location.and_then(|l| HeaderValue::from_str(&l).ok()) {
         r.headers_mut().insert(header::LOCATION, l);
     }
-    trigger_headers(&mut r, &triggered, &base);
-    Ok(r)
+    trigger_headers(&mut r, triggered, base);
+    r
 }
 
 /// `POST /fhir/{type}`: create.
@@ -429,8 +431,7 @@ pub async fn create(
     let (ret, _) = prefer(&headers);
     let base = fhir_base(&state, &headers);
     // a Bundle POSTed to /fhir/Bundle is stored as it is, whatever its type
-    let plan = |w: &[Stored]| state.jobs.plan(w);
-    let (stored, jobs) = rest::create(&state.store, &plan, &resource_type, value).await?;
+    let (stored, jobs) = rest::create(&state.store, &state.jobs, &resource_type, value).await?;
     if prefer_all(&headers).2 {
         let (t, id, v) = (&stored.resource_type, &stored.id, stored.version);
         let location = Some(format!("{base}/{t}/{id}/_history/{v}"));
@@ -526,9 +527,15 @@ pub async fn update(
     let (ret, _) = prefer(&headers);
     let if_match = if_match(&headers)?;
     let base = fhir_base(&state, &headers);
-    let plan = |w: &[Stored]| state.jobs.plan(w);
-    let (stored, jobs) =
-        rest::update(&state.store, &plan, &resource_type, &id, value, if_match).await?;
+    let (stored, jobs) = rest::update(
+        &state.store,
+        &state.jobs,
+        &resource_type,
+        &id,
+        value,
+        if_match,
+    )
+    .await?;
     Ok(answer_write(&state, &stored, &jobs, &base, ret).await)
 }
 
@@ -619,32 +626,39 @@ pub async fn search(
     let grant = access.fhir(&resource_type, Interaction::Search)?;
     let mut pairs: Vec<(String, String)> = raw
         .as_deref()
-        .map(|q| {
-            form_urlencoded::parse(q.as_bytes())
-                .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                .collect()
-        })
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
         .unwrap_or_default();
-    let (_, strict) = prefer(&headers);
-    let base = fhir_base(&state, &headers);
     if let Grant::Patient(p) = &grant {
         // limited in the query (so totals and paging are right) and filtered again
-        pairs.push(compartment::search_limit(&resource_type, p).ok_or_else(|| {
-            AuthError::Forbidden(format!(
-                "{resource_type} cannot be searched with a patient-level token"
-            ))
-        })?);
+        pairs.push(patient_search_limit(&resource_type, p)?);
     }
+    let (_, strict) = prefer(&headers);
+    let base = fhir_base(&state, &headers);
     let mut bundle = rest::search(&state.store, &resource_type, &pairs, strict, &base).await?;
-    if let (Grant::Patient(p), Some(entries)) = (&grant, bundle["entry"].as_array_mut()) {
+    if let Grant::Patient(p) = &grant {
+        keep_compartment(&mut bundle, p);
+    }
+    Ok(fhir_json(StatusCode::OK, &bundle))
+}
+
+/// The search parameter that keeps a patient-level token's search inside its compartment.
+fn patient_search_limit(resource_type: &str, patient: &str) -> Result<(String, String), AuthError> {
+    compartment::search_limit(resource_type, patient).ok_or_else(|| {
+        let m = format!("{resource_type} cannot be searched with a patient-level token");
+        AuthError::Forbidden(m)
+    })
+}
+
+/// Drops a searchset's entries outside the patient's compartment (outcomes stay).
+fn keep_compartment(bundle: &mut Value, patient: &str) {
+    if let Some(entries) = bundle["entry"].as_array_mut() {
         entries.retain(|e| {
             e["search"]["mode"] == "outcome"
                 || e["resource"]["resourceType"]
                     .as_str()
-                    .is_some_and(|t| compartment::contains(t, &e["resource"], p))
+                    .is_some_and(|t| compartment::contains(t, &e["resource"], patient))
         });
     }
-    Ok(fhir_json(StatusCode::OK, &bundle))
 }
 
 /// `POST /fhir/{type}/{id}`: only `$operations` (`RiskAssessment/$predict`).

@@ -265,31 +265,36 @@ pub async fn predict_heatmap(
         .save_analysis(&a.record(), "legacy")
         .await
         .map_err(|e| LegacyError::from(ApiError::from(e)))?;
-    let p = &a.prediction.probabilities;
-    let covid = index_of(&a.model, COVID);
-    let pos = covid.map_or(0, |i| (p[i] * 100.0).round() as i64);
-    let (text, prefix) = if Some(a.prediction.class) == covid && pos > 65 {
-        ("Covid-19 POSITIVE", "Covid19")
-    } else if Some(a.prediction.class) == index_of(&a.model, PNEUMONIA) {
-        (
-            "Covid-19 Negative; Bacterial Penumonia Positive",
-            "BacPenumonia",
-        )
-    } else {
-        ("Covid-19 Negative; Bacterial Penumonia Negative", "Normal")
-    };
-    let base = base_url(&state, &headers);
-    let body = LegacyHeatmapPrediction {
-        prediction: LegacyPrediction {
-            model_name: a.model.manifest.name.clone(),
-            result: text.to_string(),
-            raw: raw(&a),
-        },
-        covid19_probability: pos as f64 / 100.0,
-        input_image: format!("{base}/static/source/{}.png", a.id),
-        output_heatmap: format!("{base}/static/result/{prefix}_{pos}_{}_png.png", a.id),
-    };
+    let body = LegacyHeatmapPrediction::of(&a, &base_url(&state, &headers));
     Ok(timed(&a, body))
+}
+
+impl LegacyHeatmapPrediction {
+    /// The demo's verdict on an analysis (COVID-19 positive above 65 %), with the URLs of its
+    /// images under `base`.
+    fn of(a: &Analysis, base: &str) -> Self {
+        let p = &a.prediction.probabilities;
+        let covid = index_of(&a.model, COVID);
+        let pos = covid.map_or(0, |i| (p[i] * 100.0).round() as i64);
+        let (text, prefix) = if Some(a.prediction.class) == covid && pos > 65 {
+            ("Covid-19 POSITIVE", "Covid19")
+        } else if Some(a.prediction.class) == index_of(&a.model, PNEUMONIA) {
+            let text = "Covid-19 Negative; Bacterial Penumonia Positive";
+            (text, "BacPenumonia")
+        } else {
+            ("Covid-19 Negative; Bacterial Penumonia Negative", "Normal")
+        };
+        LegacyHeatmapPrediction {
+            prediction: LegacyPrediction {
+                model_name: a.model.manifest.name.clone(),
+                result: text.to_string(),
+                raw: raw(a),
+            },
+            covid19_probability: pos as f64 / 100.0,
+            input_image: format!("{base}/static/source/{}.png", a.id),
+            output_heatmap: format!("{base}/static/result/{prefix}_{pos}_{}_png.png", a.id),
+        }
+    }
 }
 
 fn id_in(file: &str) -> Option<Uuid> {

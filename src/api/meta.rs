@@ -60,33 +60,39 @@ pub struct Readiness {
     )
 )]
 pub async fn readyz(State(state): State<AppState>) -> Response {
-    let models: Vec<String> = state
-        .models
-        .describe()
-        .into_iter()
-        .map(|m| m.name)
-        .collect();
-    let checks = [
-        ("database", state.store.ping().await),
-        ("blobs", state.store.blobs_writable().await),
-        ("models", !state.models.image.is_empty()),
-    ];
-    let ready = checks.iter().all(|(_, ok)| *ok);
-    let status = if ready {
+    let body = Readiness::check(&state).await;
+    let status = if body.status == "ready" {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = Readiness {
-        status: if ready { "ready" } else { "not ready" },
-        checks: checks
-            .iter()
-            .map(|(k, ok)| (*k, if *ok { "ok" } else { "failing" }))
-            .collect(),
-        models,
-        node: state.jobs.settings().owner.clone(),
-    };
     (status, Json(body)).into_response()
+}
+
+impl Readiness {
+    /// Runs the checks now.
+    async fn check(state: &AppState) -> Self {
+        let checks = [
+            ("database", state.store.ping().await),
+            ("blobs", state.store.blobs_writable().await),
+            ("models", !state.models.image.is_empty()),
+        ];
+        let ready = checks.iter().all(|(_, ok)| *ok);
+        Readiness {
+            status: if ready { "ready" } else { "not ready" },
+            checks: checks
+                .iter()
+                .map(|(k, ok)| (*k, if *ok { "ok" } else { "failing" }))
+                .collect(),
+            models: state
+                .models
+                .describe()
+                .into_iter()
+                .map(|m| m.name)
+                .collect(),
+            node: state.jobs.settings().owner.clone(),
+        }
+    }
 }
 
 /// The loaded models.

@@ -62,29 +62,34 @@ pub async fn list(
     State(state): State<AppState>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<JobList>, ApiError> {
-    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid", m);
     let job_state = one_of(&q, "state", JobState::parse, "queued, running, done, dead")?;
     let kind = one_of(&q, "kind", JobKind::parse, "analyse, imaging-study, risk")?;
-    let number = |k: &str, default: i64, max: i64| -> Result<i64, ApiError> {
-        q.get(k).map_or(Ok(default), |v| {
-            v.parse::<i64>()
-                .ok()
-                .filter(|n| (0..=max).contains(n))
-                .ok_or_else(|| bad(format!("{k} must be a number from 0 to {max}")))
-        })
-    };
-    let (count, offset) = (number("_count", 100, 1000)?, number("offset", 0, i64::MAX)?);
+    let count = number(&q, "_count", 100, 1000)?;
+    let offset = number(&q, "offset", 0, i64::MAX)?;
+    let subject = q.get("subject").map(String::as_str);
     let jobs = state
         .store
-        .jobs(
-            job_state,
-            kind,
-            q.get("subject").map(String::as_str),
-            count,
-            offset,
-        )
+        .jobs(job_state, kind, subject, count, offset)
         .await?;
     Ok(Json(JobList { jobs }))
+}
+
+/// Query parameter `name`: a number from 0 to `max`, `default` when absent; 400 else.
+fn number(
+    q: &HashMap<String, String>,
+    name: &str,
+    default: i64,
+    max: i64,
+) -> Result<i64, ApiError> {
+    q.get(name).map_or(Ok(default), |v| {
+        v.parse::<i64>()
+            .ok()
+            .filter(|n| (0..=max).contains(n))
+            .ok_or_else(|| {
+                let m = format!("{name} must be a number from 0 to {max}");
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid", m)
+            })
+    })
 }
 
 /// A page of jobs, newest first.

@@ -6,11 +6,11 @@
 pub mod bundle;
 pub mod capability;
 pub mod compartment;
-pub mod index;
 pub mod rest;
 pub mod search;
-pub mod types;
 pub mod validate;
+
+pub use crate::fhir_model::{index, types};
 
 use crate::store::StoreError;
 

@@ -460,3 +460,9 @@ pub fn summarise(jobs: &[Job], waited: Duration) -> Triggered {
     }
     out
 }
+
+impl crate::store::fhir::Planner for Jobs {
+    fn plan(&self, written: &[Stored]) -> Vec<NewJob> {
+        Jobs::plan(self, written)
+    }
+}

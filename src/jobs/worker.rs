@@ -276,9 +276,7 @@ pub async fn record(
 /// Deletes jobs finished longer than `keep` ago, hourly, until `stop`.
 async fn prune(store: Store, keep: Duration, mut stop: watch::Receiver<bool>) {
     loop {
-        let cutoff = chrono::Utc::now()
-            - chrono::Duration::from_std(keep).unwrap_or(chrono::Duration::days(7));
-        match store.prune_jobs(cutoff).await {
+        match store.prune_jobs(keep).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(pruned = n, "finished jobs pruned"),
             Err(e) => tracing::warn!(error = %e, "cannot prune finished jobs"),

@@ -8,8 +8,8 @@ use sqlx::Row;
 use super::sql::Sql;
 
 use super::{NewJob, Store, StoreError};
-pub(crate) use crate::fhir::index::instant;
-use crate::fhir::index::{self, Entry};
+pub(crate) use crate::fhir_model::index::instant;
+use crate::fhir_model::index::{self, Entry};
 
 /// Date comparison prefixes (FHIR R4 3.1.1.4.5.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,8 +113,24 @@ pub struct Stored {
     pub body: Value,
 }
 
-/// Names the jobs a FHIR write starts, from what it stored.
-pub type Plan<'a> = &'a (dyn Fn(&[Stored]) -> Vec<NewJob> + Send + Sync);
+/// Names the jobs a FHIR write starts, from what it stored (the jobs room implements it; the
+/// store only enqueues what it is given).
+pub trait Planner: Send + Sync {
+    /// The jobs to enqueue, in the write's transaction, for these new versions.
+    fn plan(&self, written: &[Stored]) -> Vec<NewJob>;
+}
+
+/// Plans nothing: writes that start no jobs.
+pub struct NoJobs;
+
+impl Planner for NoJobs {
+    fn plan(&self, _: &[Stored]) -> Vec<NewJob> {
+        Vec::new()
+    }
+}
+
+/// A [`Planner`] as FHIR writes take it.
+pub type Plan<'a> = &'a dyn Planner;
 
 /// What a FHIR write stored, and the jobs it started.
 #[derive(Debug, Default)]
@@ -133,7 +149,7 @@ impl Store {
     /// [`StoreError::Conflict`] when an `If-Match` version is not the current one;
     /// [`StoreError::Db`] otherwise.
     pub async fn fhir_write(&self, writes: Vec<Write>) -> Result<Vec<Stored>, StoreError> {
-        Ok(self.fhir_write_then(writes, &|_| Vec::new()).await?.stored)
+        Ok(self.fhir_write_then(writes, &NoJobs).await?.stored)
     }
 
     /// [`Self::fhir_write`], enqueueing the jobs `plan` names for what was stored in the same
@@ -176,7 +192,7 @@ impl Store {
             self.audit_in(&mut tx, &event, &actor, &now).await?;
         }
         let mut jobs = Vec::new();
-        for job in plan(&out) {
+        for job in plan.plan(&out) {
             jobs.extend(self.insert_or_find_job(&mut tx, &job).await?);
         }
         tx.commit().await?;

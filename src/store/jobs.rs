@@ -500,15 +500,18 @@ impl Store {
             .collect()
     }
 
-    /// Deletes finished (`done`) jobs last changed before `before` (RFC 3339); dead jobs are
-    /// kept for people to look at. Returns how many were deleted.
+    /// Deletes finished (`done`) jobs last changed longer than `keep` ago on the queue's clock;
+    /// dead jobs are kept for people to look at. Returns how many were deleted.
     ///
     /// # Errors
     /// [`StoreError::Db`].
-    pub async fn prune_jobs(
-        &self,
-        before: chrono::DateTime<chrono::Utc>,
-    ) -> Result<u64, StoreError> {
+    pub async fn prune_jobs(&self, keep: std::time::Duration) -> Result<u64, StoreError> {
+        let keep = chrono::Duration::from_std(keep).unwrap_or(chrono::Duration::MAX);
+        let before = self
+            .clock
+            .now()
+            .checked_sub_signed(keep)
+            .unwrap_or_default();
         let r = sqlx::query("DELETE FROM jobs WHERE state = 'done' AND updated < $1")
             .bind(before.to_rfc3339_opts(chrono::SecondsFormat::Micros, false))
             .execute(&self.pool)
