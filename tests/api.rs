@@ -411,6 +411,36 @@ async fn health_models_pages_and_every_documented_route_exists() {
             "{schema}"
         );
     }
+    // every reference in the document resolves
+    fn refs<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
+        match v {
+            Value::Object(m) => {
+                if let Some(Value::String(r)) = m.get("$ref") {
+                    out.push(r);
+                }
+                m.values().for_each(|x| refs(x, out));
+            }
+            Value::Array(a) => a.iter().for_each(|x| refs(x, out)),
+            _ => {}
+        }
+    }
+    let mut all = Vec::new();
+    refs(&spec, &mut all);
+    assert!(all.len() > 100);
+    for r in all {
+        let target = r.strip_prefix('#').and_then(|p| spec.pointer(p));
+        assert!(target.is_some_and(Value::is_object), "{r} does not resolve");
+    }
+    // bodies that are bytes say so
+    let png = &spec["paths"]["/v1/results/{id}/overlay.png"]["get"]["responses"]["200"];
+    let schema = &png["content"]["image/png"]["schema"];
+    let binary = spec
+        .pointer(&schema["$ref"].as_str().unwrap()[1..])
+        .unwrap();
+    assert_eq!(
+        (&binary["type"], &binary["format"]),
+        (&"string".into(), &"binary".into())
+    );
     let concrete = |path: &str| {
         path.replace("{id}", &uuid::Uuid::new_v4().to_string())
             .replace("{file}", "x.png")

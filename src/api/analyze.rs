@@ -7,10 +7,11 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
+use utoipa::IntoParams;
 use uuid::Uuid;
 
 use super::base_url;
-use super::doc::OperationOutcome;
+use super::doc::{Binary, OperationOutcome, Problem};
 use super::error::{body_error, ApiError};
 use crate::analysis::pipeline::Analysis;
 use crate::app::AppState;
@@ -24,17 +25,11 @@ pub struct AnalyzeQuery {
 }
 
 /// `POST /v1/analyze`: raw DICOM/PNG/JPEG body → FHIR Bundle (stored, `Location` to the result).
-#[utoipa::path(
-    post,
-    path = "/v1/analyze",
-    tag = "analysis",
-    operation_id = "analyze",
+#[utoipa::path(post, path = "/v1/analyze", tag = "analysis", operation_id = "analyze",
     summary = "Classify a chest X-ray and compute a Grad-CAM heatmap",
     description = "Send the raw bytes of a DICOM, PNG or JPEG image. Returns a FHIR R4 Bundle (type `collection`) with a DiagnosticReport, one Observation per class probability, a Media resource with the heatmap overlay PNG, the Device and a Provenance. The `Location` header points to the JSON summary of the result. Errors are FHIR OperationOutcome resources. Demo — not for clinical use.",
-    params(
-        ("model" = Option<String>, Query, description = "Name of the model to use (see `GET /v1/models`); default model if omitted.")
-    ),
-    request_body(content(([u8] = "application/dicom"), ([u8] = "image/png"), ([u8] = "image/jpeg")), description = "The image file's raw bytes."),
+    params(("model" = Option<String>, Query, description = "Name of the model to use (see `GET /v1/models`); default model if omitted.")),
+    request_body(content((Binary = "application/dicom"), (Binary = "image/png"), (Binary = "image/jpeg")), description = "The image file's raw bytes."),
     responses(
         (status = 200, description = "Analysis result as a FHIR Bundle.", body = crate::api::doc::Bundle, content_type = "application/fhir+json", headers(("Location" = String, description = "`/v1/results/{id}` — JSON summary of this result."))),
         (status = 400, description = "Bad request, e.g. unknown `model` (OperationOutcome).", body = OperationOutcome, content_type = "application/fhir+json"),
@@ -101,25 +96,25 @@ fn analysis_response(analysis: &Analysis) -> Response {
     r
 }
 
+/// A result in the URL.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+pub struct ResultId {
+    /// Result id, from the `Location` header of `POST /v1/analyze`.
+    id: String,
+}
+
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(id).map_err(|_| ApiError::not_found(format!("no result '{id}'")))
 }
 
 /// `GET /v1/results/{id}`: summary with links.
-#[utoipa::path(
-    get,
-    path = "/v1/results/{id}",
-    tag = "analysis",
-    operation_id = "getResult",
+#[utoipa::path(get, path = "/v1/results/{id}", tag = "analysis", operation_id = "getResult",
     summary = "Result summary",
     description = "JSON summary of an analysis: predicted class, probabilities, model and links to the input image, overlay and FHIR Bundle.",
-    params(
-        ("id" = String, Path, description = "Result id returned in the `Location` header of `POST /v1/analyze`.")
-    ),
-    responses(
-        (status = 200, description = "Result summary.", body = crate::api::analyze::ResultSummary, content_type = "application/json"),
-        (status = 404, description = "No result with this id (OperationOutcome, code `not-found`).", body = OperationOutcome, content_type = "application/fhir+json")
-    )
+    params(ResultId),
+    responses((status = 200, description = "Result summary.", body = crate::api::analyze::ResultSummary, content_type = "application/json"), (status = 404, response = Problem))
 )]
 pub async fn result(
     State(state): State<AppState>,
@@ -171,43 +166,22 @@ async fn blob(
 }
 
 /// `GET /v1/results/{id}/bundle`.
-#[utoipa::path(
-    get,
-    path = "/v1/results/{id}/bundle",
-    tag = "analysis",
-    operation_id = "getResultBundle",
+#[utoipa::path(get, path = "/v1/results/{id}/bundle", tag = "analysis", operation_id = "getResultBundle",
     summary = "Result as FHIR Bundle",
     description = "The same FHIR R4 Bundle that `POST /v1/analyze` returned.",
-    params(
-        ("id" = String, Path, description = "Result id returned in the `Location` header of `POST /v1/analyze`.")
-    ),
-    responses(
-        (status = 200, description = "FHIR Bundle.", body = crate::api::doc::Bundle, content_type = "application/fhir+json"),
-        (status = 404, description = "No result with this id (OperationOutcome, code `not-found`).", body = OperationOutcome, content_type = "application/fhir+json")
-    )
+    params(ResultId),
+    responses((status = 200, description = "FHIR Bundle.", body = crate::api::doc::Bundle, content_type = "application/fhir+json"), (status = 404, response = Problem))
 )]
-pub async fn bundle(
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
-    blob(&state, &id, "bundle.json", "application/fhir+json").await
+pub async fn bundle(s: State<AppState>, id: Path<String>) -> Result<Response, ApiError> {
+    blob(&s, &id, "bundle.json", "application/fhir+json").await
 }
 
 /// `GET /v1/results/{id}/overlay.png`.
-#[utoipa::path(
-    get,
-    path = "/v1/results/{id}/overlay.png",
-    tag = "analysis",
-    operation_id = "getResultOverlay",
+#[utoipa::path(get, path = "/v1/results/{id}/overlay.png", tag = "analysis", operation_id = "getResultOverlay",
     summary = "Grad-CAM overlay image",
     description = "Heatmap blended over the input image, as PNG.",
-    params(
-        ("id" = String, Path, description = "Result id returned in the `Location` header of `POST /v1/analyze`.")
-    ),
-    responses(
-        (status = 200, description = "PNG image.", body = String, content_type = "image/png"),
-        (status = 404, description = "No result with this id (OperationOutcome, code `not-found`).", body = OperationOutcome, content_type = "application/fhir+json")
-    )
+    params(ResultId),
+    responses((status = 200, description = "PNG image.", body = Binary, content_type = "image/png"), (status = 404, response = Problem))
 )]
 pub async fn overlay(
     State(state): State<AppState>,
@@ -217,24 +191,12 @@ pub async fn overlay(
 }
 
 /// `GET /v1/results/{id}/input.png`.
-#[utoipa::path(
-    get,
-    path = "/v1/results/{id}/input.png",
-    tag = "analysis",
-    operation_id = "getResultInput",
+#[utoipa::path(get, path = "/v1/results/{id}/input.png", tag = "analysis", operation_id = "getResultInput",
     summary = "Decoded input image",
     description = "The decoded original image as 8-bit PNG.",
-    params(
-        ("id" = String, Path, description = "Result id returned in the `Location` header of `POST /v1/analyze`.")
-    ),
-    responses(
-        (status = 200, description = "PNG image.", body = String, content_type = "image/png"),
-        (status = 404, description = "No result with this id (OperationOutcome, code `not-found`).", body = OperationOutcome, content_type = "application/fhir+json")
-    )
+    params(ResultId),
+    responses((status = 200, description = "PNG image.", body = Binary, content_type = "image/png"), (status = 404, response = Problem))
 )]
-pub async fn input(
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
-    blob(&state, &id, "input.png", "image/png").await
+pub async fn input(s: State<AppState>, id: Path<String>) -> Result<Response, ApiError> {
+    blob(&s, &id, "input.png", "image/png").await
 }

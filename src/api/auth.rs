@@ -215,33 +215,23 @@ impl From<AuthError> for ApiError {
     }
 }
 
+/// The SMART configuration's description in the API docs.
+const SMART_DOC: &str = "SMART App Launch 2.x discovery: issuer, token and authorization endpoints (from the issuer's OpenID discovery), supported scopes and capabilities. Open (no token). 404 when authorization is off.";
+
 /// `GET /fhir/.well-known/smart-configuration`: the same document under the FHIR base, where
 /// SMART clients look for it.
-#[utoipa::path(
-    get,
-    path = "/fhir/.well-known/smart-configuration",
-    tag = "ops",
-    operation_id = "smartConfigurationFhir",
-    summary = "SMART configuration",
-    description = "SMART App Launch 2.x discovery: issuer, token and authorization endpoints (from the issuer's OpenID discovery), supported scopes and capabilities. Open (no token). 404 when authorization is off.",
-    responses(
-        (status = 200, description = "The SMART configuration.", body = serde_json::Value, content_type = "application/json"),
-        (status = 404, description = "Authorization is off on this server.")
-    )
-)]
+#[utoipa::path(get, path = "/fhir/.well-known/smart-configuration", tag = "ops", operation_id = "smartConfigurationFhir",
+    summary = "SMART configuration (under the FHIR base)", description = SMART_DOC,
+    responses((status = 200, description = "The SMART configuration.", body = serde_json::Value, content_type = "application/json"), (status = 404, description = "Authorization is off on this server.")))]
 pub async fn fhir_smart_configuration(state: State<AppState>) -> Response {
     smart_configuration(state).await
 }
 
 /// `GET /.well-known/smart-configuration` (SMART App Launch 2.x): where to get tokens and
 /// what Carina understands. 404 when authorization is off.
-#[utoipa::path(
-    get,
-    path = "/.well-known/smart-configuration",
-    tag = "ops",
-    operation_id = "smartConfiguration",
+#[utoipa::path(get, path = "/.well-known/smart-configuration", tag = "ops", operation_id = "smartConfiguration",
     summary = "SMART configuration",
-    description = "SMART App Launch 2.x discovery: issuer, token and authorization endpoints (from the issuer's OpenID discovery), supported scopes and capabilities. Open (no token). 404 when authorization is off.",
+    description = SMART_DOC,
     responses(
         (status = 200, description = "The SMART configuration.", body = serde_json::Value, content_type = "application/json"),
         (status = 404, description = "Authorization is off on this server.")
@@ -293,39 +283,34 @@ mod tests {
         assert_eq!(n("GET", "/v1/exports"), Need::Operator);
         assert_eq!(n("GET", "/something/new"), Need::Operator);
         assert_eq!(n("POST", "/fhir"), Need::Entries);
-        assert_eq!(
-            n("GET", "/fhir/Patient"),
-            Need::Fhir("Patient".into(), Search)
-        );
-        assert_eq!(
-            n("GET", "/fhir/Patient/1/_history/2"),
-            Need::Fhir("Patient".into(), Read)
-        );
-        assert_eq!(
-            n("PUT", "/fhir/Patient/1"),
-            Need::Fhir("Patient".into(), Update)
-        );
-        assert_eq!(
-            n("POST", "/fhir/RiskAssessment/$predict"),
-            Need::Fhir("RiskAssessment".into(), Create)
-        );
+        for (method, path, t, interaction) in [
+            ("GET", "/fhir/Patient", "Patient", Search),
+            ("GET", "/fhir/Patient/1/_history/2", "Patient", Read),
+            ("PUT", "/fhir/Patient/1", "Patient", Update),
+            (
+                "POST",
+                "/fhir/RiskAssessment/$predict",
+                "RiskAssessment",
+                Create,
+            ),
+        ] {
+            let want = Need::Fhir(t.into(), interaction);
+            assert_eq!(n(method, path), want, "{method} {path}");
+        }
         assert_eq!(n("DELETE", "/fhir/Patient/1"), Need::Operator);
-        assert_eq!(
-            n("GET", "/dicomweb/studies"),
-            Need::Whole("ImagingStudy", Search)
-        );
-        assert_eq!(
-            n("GET", "/dicomweb/studies/1/series/2/instances"),
-            Need::Whole("ImagingStudy", Search)
-        );
-        assert_eq!(
-            n("GET", "/dicomweb/studies/1/series/2/instances/3/rendered"),
-            Need::Whole("ImagingStudy", Read)
-        );
-        assert_eq!(
-            n("POST", "/dicomweb/studies"),
-            Need::Whole("ImagingStudy", Create)
-        );
+        for (method, path, interaction) in [
+            ("GET", "/dicomweb/studies", Search),
+            ("GET", "/dicomweb/studies/1/series/2/instances", Search),
+            (
+                "GET",
+                "/dicomweb/studies/1/series/2/instances/3/rendered",
+                Read,
+            ),
+            ("POST", "/dicomweb/studies", Create),
+        ] {
+            let want = Need::Whole("ImagingStudy", interaction);
+            assert_eq!(n(method, path), want, "{method} {path}");
+        }
         assert_eq!(n("POST", "/covid19/api/v1/predict/"), Need::Legacy);
         assert_eq!(n("GET", "/static/result/x.png"), Need::Legacy);
     }

@@ -13,7 +13,7 @@ use axum::Json;
 use serde_json::Value;
 
 use super::base_url;
-use super::doc::Problem;
+use super::doc::{Binary, Problem};
 use super::error::{body_error, ApiError};
 use crate::app::AppState;
 use crate::dicom::json::{self, StowItem};
@@ -21,6 +21,7 @@ use crate::dicom::media_params;
 use crate::dicom::InstanceIndex;
 use crate::imaging::{self, MediaType};
 use crate::store::{self, Source};
+use utoipa::IntoParams;
 
 const DICOM_JSON: &str = "application/dicom+json";
 
@@ -29,14 +30,10 @@ fn dicom_json(status: StatusCode, v: &Value) -> Response {
 }
 
 /// `POST /dicomweb/studies`.
-#[utoipa::path(
-    post,
-    path = "/dicomweb/studies",
-    tag = "dicomweb",
-    operation_id = "stowStudies",
+#[utoipa::path(post, path = "/dicomweb/studies", tag = "dicomweb", operation_id = "stowStudies",
     summary = "STOW-RS: store instances",
     description = "multipart/related; type=\"application/dicom\". Answers DICOM JSON with ReferencedSOPSequence (0008,1199) and FailedSOPSequence (0008,1198)/FailureReason (0008,1197). 200 all stored, 202 some failed, 409 none stored.",
-    request_body(content = [u8], content_type = "multipart/related"),
+    request_body(content = Binary, content_type = "multipart/related"),
     responses(
         (status = 200, description = "all stored", body = Vec<serde_json::Value>, content_type = "application/dicom+json"),
         (status = 202, description = "some stored, some failed (DICOM JSON)"),
@@ -55,17 +52,11 @@ pub async fn stow(
 }
 
 /// `POST /dicomweb/studies/{study}`: instances of another study fail with A900.
-#[utoipa::path(
-    post,
-    path = "/dicomweb/studies/{study}",
-    tag = "dicomweb",
-    operation_id = "stowStudy",
+#[utoipa::path(post, path = "/dicomweb/studies/{study}", tag = "dicomweb", operation_id = "stowStudy",
     summary = "STOW-RS: store instances",
     description = "multipart/related; type=\"application/dicom\". Answers DICOM JSON with ReferencedSOPSequence (0008,1199) and FailedSOPSequence (0008,1198)/FailureReason (0008,1197). 200 all stored, 202 some failed, 409 none stored.",
-    params(
-        ("study" = String, Path)
-    ),
-    request_body(content = [u8], content_type = "multipart/related"),
+    params(StudyPath),
+    request_body(content = Binary, content_type = "multipart/related"),
     responses(
         (status = 200, description = "all stored", body = Vec<serde_json::Value>, content_type = "application/dicom+json"),
         (status = 202, description = "some stored, some failed (DICOM JSON)"),
@@ -280,25 +271,10 @@ fn qido_query(q: &HashMap<String, String>) -> Result<store::Query, ApiError> {
 }
 
 /// `GET /dicomweb/studies`.
-#[utoipa::path(
-    get,
-    path = "/dicomweb/studies",
-    tag = "dicomweb",
-    operation_id = "qidoStudies",
+#[utoipa::path(get, path = "/dicomweb/studies", tag = "dicomweb", operation_id = "qidoStudies",
     summary = "QIDO-RS: search studies",
-    params(
-        ("StudyInstanceUID" = Option<String>, Query, description = "exact"),
-        ("PatientID" = Option<String>, Query, description = "exact, * and ? wildcards"),
-        ("AccessionNumber" = Option<String>, Query, description = "exact, wildcards"),
-        ("Modality" = Option<String>, Query, description = "exact (ModalitiesInStudy at study level)"),
-        ("StudyDate" = Option<String>, Query, description = "YYYYMMDD, A-B, A-, -B"),
-        ("limit" = Option<String>, Query, description = "page size, default 100, at most 1000"),
-        ("offset" = Option<String>, Query, description = "rows skipped")
-    ),
-    responses(
-        (status = 200, description = "DICOM JSON array", body = Vec<serde_json::Value>, content_type = "application/dicom+json"),
-        (status = 400, response = Problem)
-    )
+    params(QidoQuery),
+    responses((status = 200, description = "DICOM JSON array", body = Vec<serde_json::Value>, content_type = "application/dicom+json"), (status = 400, response = Problem))
 )]
 pub async fn search_studies(
     State(state): State<AppState>,
@@ -316,25 +292,10 @@ pub async fn search_studies(
 }
 
 /// `GET /dicomweb/series`.
-#[utoipa::path(
-    get,
-    path = "/dicomweb/series",
-    tag = "dicomweb",
-    operation_id = "qidoSeries",
+#[utoipa::path(get, path = "/dicomweb/series", tag = "dicomweb", operation_id = "qidoSeries",
     summary = "QIDO-RS: search series",
-    params(
-        ("StudyInstanceUID" = Option<String>, Query, description = "exact"),
-        ("PatientID" = Option<String>, Query, description = "exact, * and ? wildcards"),
-        ("AccessionNumber" = Option<String>, Query, description = "exact, wildcards"),
-        ("Modality" = Option<String>, Query, description = "exact (ModalitiesInStudy at study level)"),
-        ("StudyDate" = Option<String>, Query, description = "YYYYMMDD, A-B, A-, -B"),
-        ("limit" = Option<String>, Query, description = "page size, default 100, at most 1000"),
-        ("offset" = Option<String>, Query, description = "rows skipped")
-    ),
-    responses(
-        (status = 200, description = "DICOM JSON array", body = Vec<serde_json::Value>, content_type = "application/dicom+json"),
-        (status = 400, response = Problem)
-    )
+    params(QidoQuery),
+    responses((status = 200, description = "DICOM JSON array", body = Vec<serde_json::Value>, content_type = "application/dicom+json"), (status = 400, response = Problem))
 )]
 pub async fn search_series(
     State(state): State<AppState>,
@@ -345,25 +306,10 @@ pub async fn search_series(
 }
 
 /// `GET /dicomweb/studies/{study}/series`.
-#[utoipa::path(
-    get,
-    path = "/dicomweb/studies/{study}/series",
-    tag = "dicomweb",
-    operation_id = "qidoStudySeries",
+#[utoipa::path(get, path = "/dicomweb/studies/{study}/series", tag = "dicomweb", operation_id = "qidoStudySeries",
     summary = "QIDO-RS: series of a study",
-    params(
-        ("study" = String, Path),
-        ("StudyInstanceUID" = Option<String>, Query, description = "exact"),
-        ("PatientID" = Option<String>, Query, description = "exact, * and ? wildcards"),
-        ("AccessionNumber" = Option<String>, Query, description = "exact, wildcards"),
-        ("Modality" = Option<String>, Query, description = "exact (ModalitiesInStudy at study level)"),
-        ("StudyDate" = Option<String>, Query, description = "YYYYMMDD, A-B, A-, -B"),
-        ("limit" = Option<String>, Query, description = "page size, default 100, at most 1000"),
-        ("offset" = Option<String>, Query, description = "rows skipped")
-    ),
-    responses(
-        (status = 200, description = "DICOM JSON array", body = Vec<serde_json::Value>, content_type = "application/dicom+json")
-    )
+    params(StudyPath, QidoQuery),
+    responses((status = 200, description = "DICOM JSON array", body = Vec<serde_json::Value>, content_type = "application/dicom+json"))
 )]
 pub async fn search_study_series(
     State(state): State<AppState>,
@@ -394,25 +340,10 @@ async fn series_impl(
 }
 
 /// `GET /dicomweb/instances`.
-#[utoipa::path(
-    get,
-    path = "/dicomweb/instances",
-    tag = "dicomweb",
-    operation_id = "qidoInstances",
+#[utoipa::path(get, path = "/dicomweb/instances", tag = "dicomweb", operation_id = "qidoInstances",
     summary = "QIDO-RS: search instances",
-    params(
-        ("StudyInstanceUID" = Option<String>, Query, description = "exact"),
-        ("PatientID" = Option<String>, Query, description = "exact, * and ? wildcards"),
-        ("AccessionNumber" = Option<String>, Query, description = "exact, wildcards"),
-        ("Modality" = Option<String>, Query, description = "exact (ModalitiesInStudy at study level)"),
-        ("StudyDate" = Option<String>, Query, description = "YYYYMMDD, A-B, A-, -B"),
-        ("limit" = Option<String>, Query, description = "page size, default 100, at most 1000"),
-        ("offset" = Option<String>, Query, description = "rows skipped")
-    ),
-    responses(
-        (status = 200, description = "DICOM JSON array", body = Vec<serde_json::Value>, content_type = "application/dicom+json"),
-        (status = 400, response = Problem)
-    )
+    params(QidoQuery),
+    responses((status = 200, description = "DICOM JSON array", body = Vec<serde_json::Value>, content_type = "application/dicom+json"), (status = 400, response = Problem))
 )]
 pub async fn search_instances(
     State(state): State<AppState>,
@@ -423,25 +354,10 @@ pub async fn search_instances(
 }
 
 /// `GET /dicomweb/studies/{study}/instances`.
-#[utoipa::path(
-    get,
-    path = "/dicomweb/studies/{study}/instances",
-    tag = "dicomweb",
-    operation_id = "qidoStudyInstances",
+#[utoipa::path(get, path = "/dicomweb/studies/{study}/instances", tag = "dicomweb", operation_id = "qidoStudyInstances",
     summary = "QIDO-RS: instances of a study",
-    params(
-        ("study" = String, Path),
-        ("StudyInstanceUID" = Option<String>, Query, description = "exact"),
-        ("PatientID" = Option<String>, Query, description = "exact, * and ? wildcards"),
-        ("AccessionNumber" = Option<String>, Query, description = "exact, wildcards"),
-        ("Modality" = Option<String>, Query, description = "exact (ModalitiesInStudy at study level)"),
-        ("StudyDate" = Option<String>, Query, description = "YYYYMMDD, A-B, A-, -B"),
-        ("limit" = Option<String>, Query, description = "page size, default 100, at most 1000"),
-        ("offset" = Option<String>, Query, description = "rows skipped")
-    ),
-    responses(
-        (status = 200, description = "DICOM JSON array", body = Vec<serde_json::Value>, content_type = "application/dicom+json")
-    )
+    params(StudyPath, QidoQuery),
+    responses((status = 200, description = "DICOM JSON array", body = Vec<serde_json::Value>, content_type = "application/dicom+json"))
 )]
 pub async fn search_study_instances(
     s: State<AppState>,
@@ -453,26 +369,10 @@ pub async fn search_study_instances(
 }
 
 /// `GET /dicomweb/studies/{study}/series/{series}/instances`.
-#[utoipa::path(
-    get,
-    path = "/dicomweb/studies/{study}/series/{series}/instances",
-    tag = "dicomweb",
-    operation_id = "qidoSeriesInstances",
+#[utoipa::path(get, path = "/dicomweb/studies/{study}/series/{series}/instances", tag = "dicomweb", operation_id = "qidoSeriesInstances",
     summary = "QIDO-RS: instances of a series",
-    params(
-        ("study" = String, Path),
-        ("series" = String, Path),
-        ("StudyInstanceUID" = Option<String>, Query, description = "exact"),
-        ("PatientID" = Option<String>, Query, description = "exact, * and ? wildcards"),
-        ("AccessionNumber" = Option<String>, Query, description = "exact, wildcards"),
-        ("Modality" = Option<String>, Query, description = "exact (ModalitiesInStudy at study level)"),
-        ("StudyDate" = Option<String>, Query, description = "YYYYMMDD, A-B, A-, -B"),
-        ("limit" = Option<String>, Query, description = "page size, default 100, at most 1000"),
-        ("offset" = Option<String>, Query, description = "rows skipped")
-    ),
-    responses(
-        (status = 200, description = "DICOM JSON array", body = Vec<serde_json::Value>, content_type = "application/dicom+json")
-    )
+    params(SeriesPath, QidoQuery),
+    responses((status = 200, description = "DICOM JSON array", body = Vec<serde_json::Value>, content_type = "application/dicom+json"))
 )]
 pub async fn search_series_instances(
     s: State<AppState>,
@@ -560,17 +460,11 @@ fn accepts_dicom(headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 /// `GET /dicomweb/studies/{study}`.
-#[utoipa::path(
-    get,
-    path = "/dicomweb/studies/{study}",
-    tag = "dicomweb",
-    operation_id = "wadoStudy",
+#[utoipa::path(get, path = "/dicomweb/studies/{study}", tag = "dicomweb", operation_id = "wadoStudy",
     summary = "WADO-RS: retrieve a study",
-    params(
-        ("study" = String, Path)
-    ),
+    params(StudyPath),
     responses(
-        (status = 200, description = "multipart/related; type=\"application/dicom\" (stored transfer syntax)", body = [u8], content_type = "multipart/related"),
+        (status = 200, description = "multipart/related; type=\"application/dicom\" (stored transfer syntax)", body = Binary, content_type = "multipart/related"),
         (status = 404, response = Problem),
         (status = 406, response = Problem)
     )
@@ -584,18 +478,11 @@ pub async fn retrieve_study(
 }
 
 /// `GET /dicomweb/studies/{study}/series/{series}`.
-#[utoipa::path(
-    get,
-    path = "/dicomweb/studies/{study}/series/{series}",
-    tag = "dicomweb",
-    operation_id = "wadoSeries",
+#[utoipa::path(get, path = "/dicomweb/studies/{study}/series/{series}", tag = "dicomweb", operation_id = "wadoSeries",
     summary = "WADO-RS: retrieve a series",
-    params(
-        ("study" = String, Path),
-        ("series" = String, Path)
-    ),
+    params(SeriesPath),
     responses(
-        (status = 200, description = "multipart/related; type=\"application/dicom\" (stored transfer syntax)", body = [u8], content_type = "multipart/related"),
+        (status = 200, description = "multipart/related; type=\"application/dicom\" (stored transfer syntax)", body = Binary, content_type = "multipart/related"),
         (status = 404, response = Problem)
     )
 )]
@@ -608,19 +495,11 @@ pub async fn retrieve_series(
 }
 
 /// `GET /dicomweb/studies/{study}/series/{series}/instances/{instance}`.
-#[utoipa::path(
-    get,
-    path = "/dicomweb/studies/{study}/series/{series}/instances/{instance}",
-    tag = "dicomweb",
-    operation_id = "wadoInstance",
+#[utoipa::path(get, path = "/dicomweb/studies/{study}/series/{series}/instances/{instance}", tag = "dicomweb", operation_id = "wadoInstance",
     summary = "WADO-RS: retrieve an instance",
-    params(
-        ("study" = String, Path),
-        ("series" = String, Path),
-        ("instance" = String, Path)
-    ),
+    params(InstancePath),
     responses(
-        (status = 200, description = "multipart/related; type=\"application/dicom\" (stored transfer syntax)", body = [u8], content_type = "multipart/related"),
+        (status = 200, description = "multipart/related; type=\"application/dicom\" (stored transfer syntax)", body = Binary, content_type = "multipart/related"),
         (status = 404, response = Problem),
         (status = 406, response = Problem)
     )
@@ -671,19 +550,10 @@ async fn retrieve(
 }
 
 /// `GET /dicomweb/studies/{study}/metadata`.
-#[utoipa::path(
-    get,
-    path = "/dicomweb/studies/{study}/metadata",
-    tag = "dicomweb",
-    operation_id = "wadoStudyMetadata",
+#[utoipa::path(get, path = "/dicomweb/studies/{study}/metadata", tag = "dicomweb", operation_id = "wadoStudyMetadata",
     summary = "WADO-RS: study metadata",
-    params(
-        ("study" = String, Path)
-    ),
-    responses(
-        (status = 200, description = "DICOM JSON array", body = Vec<serde_json::Value>, content_type = "application/dicom+json"),
-        (status = 404, response = Problem)
-    )
+    params(StudyPath),
+    responses((status = 200, description = "DICOM JSON array", body = Vec<serde_json::Value>, content_type = "application/dicom+json"), (status = 404, response = Problem))
 )]
 pub async fn study_metadata(
     s: State<AppState>,
@@ -694,20 +564,10 @@ pub async fn study_metadata(
 }
 
 /// `GET /dicomweb/studies/{study}/series/{series}/metadata`.
-#[utoipa::path(
-    get,
-    path = "/dicomweb/studies/{study}/series/{series}/metadata",
-    tag = "dicomweb",
-    operation_id = "wadoSeriesMetadata",
+#[utoipa::path(get, path = "/dicomweb/studies/{study}/series/{series}/metadata", tag = "dicomweb", operation_id = "wadoSeriesMetadata",
     summary = "WADO-RS: series metadata",
-    params(
-        ("study" = String, Path),
-        ("series" = String, Path)
-    ),
-    responses(
-        (status = 200, description = "DICOM JSON array", body = Vec<serde_json::Value>, content_type = "application/dicom+json"),
-        (status = 404, response = Problem)
-    )
+    params(SeriesPath),
+    responses((status = 200, description = "DICOM JSON array", body = Vec<serde_json::Value>, content_type = "application/dicom+json"), (status = 404, response = Problem))
 )]
 pub async fn series_metadata(
     s: State<AppState>,
@@ -718,21 +578,10 @@ pub async fn series_metadata(
 }
 
 /// `GET /dicomweb/studies/{study}/series/{series}/instances/{instance}/metadata`.
-#[utoipa::path(
-    get,
-    path = "/dicomweb/studies/{study}/series/{series}/instances/{instance}/metadata",
-    tag = "dicomweb",
-    operation_id = "wadoInstanceMetadata",
+#[utoipa::path(get, path = "/dicomweb/studies/{study}/series/{series}/instances/{instance}/metadata", tag = "dicomweb", operation_id = "wadoInstanceMetadata",
     summary = "WADO-RS: instance metadata (Pixel Data as BulkDataURI)",
-    params(
-        ("study" = String, Path),
-        ("series" = String, Path),
-        ("instance" = String, Path)
-    ),
-    responses(
-        (status = 200, description = "DICOM JSON array", body = Vec<serde_json::Value>, content_type = "application/dicom+json"),
-        (status = 404, response = Problem)
-    )
+    params(InstancePath),
+    responses((status = 200, description = "DICOM JSON array", body = Vec<serde_json::Value>, content_type = "application/dicom+json"), (status = 404, response = Problem))
 )]
 pub async fn instance_metadata(
     s: State<AppState>,
@@ -760,12 +609,11 @@ async fn metadata(
         };
         let url = json::instance_url(ix, &base);
         let v = tokio::task::spawn_blocking(move || {
-            let parsed = crate::dicom::parse_instance(&file).map_err(|e| e.to_string())?;
-            json::metadata(&parsed.object, &url).map_err(|e| e.to_string())
+            let parsed = crate::dicom::parse_instance(&file).map_err(ApiError::internal)?;
+            json::metadata(&parsed.object, &url).map_err(ApiError::internal)
         })
         .await
-        .map_err(ApiError::internal)?
-        .map_err(ApiError::internal)?;
+        .map_err(ApiError::internal)??;
         out.push(v);
     }
     Ok(dicom_json(StatusCode::OK, &Value::Array(out)))
@@ -790,33 +638,89 @@ async fn one_instance(
     Ok((ix, file))
 }
 
+/// QIDO-RS query parameters (DICOM attribute keywords; matching per PS3.18 §8.3.4).
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(non_snake_case, dead_code)]
+pub struct QidoQuery {
+    /// Exact.
+    StudyInstanceUID: Option<String>,
+    /// Exact, `*` and `?` wildcards.
+    PatientID: Option<String>,
+    /// Exact, wildcards.
+    AccessionNumber: Option<String>,
+    /// Exact (ModalitiesInStudy at study level).
+    Modality: Option<String>,
+    /// `YYYYMMDD`, `A-B`, `A-`, `-B`.
+    StudyDate: Option<String>,
+    /// Page size, default 100, at most 1000.
+    limit: Option<u32>,
+    /// Rows skipped.
+    offset: Option<u32>,
+}
+
+/// A study in the URL.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+pub struct StudyPath {
+    /// Study Instance UID.
+    study: String,
+}
+
+/// A series in the URL.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+pub struct SeriesPath {
+    /// Study Instance UID.
+    study: String,
+    /// Series Instance UID.
+    series: String,
+}
+
+/// An instance in the URL.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+pub struct InstancePath {
+    /// Study Instance UID.
+    study: String,
+    /// Series Instance UID.
+    series: String,
+    /// SOP Instance UID.
+    instance: String,
+}
+
+/// A frame in the URL.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+pub struct FramePath {
+    /// Study Instance UID.
+    study: String,
+    /// Series Instance UID.
+    series: String,
+    /// SOP Instance UID.
+    instance: String,
+    /// Frame number, from 1.
+    frame: u32,
+}
+
 /// Rendered query: `quality` (JPEG, 1..=100).
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct RenderedQuery {
-    /// JPEG quality.
+    /// JPEG quality, 1 to 100 (default 90).
     pub quality: Option<u8>,
 }
 
 /// `GET /dicomweb/studies/{study}/series/{series}/instances/{instance}/rendered`.
-#[utoipa::path(
-    get,
-    path = "/dicomweb/studies/{study}/series/{series}/instances/{instance}/rendered",
-    tag = "dicomweb",
-    operation_id = "wadoRendered",
+#[utoipa::path(get, path = "/dicomweb/studies/{study}/series/{series}/instances/{instance}/rendered", tag = "dicomweb", operation_id = "wadoRendered",
     summary = "WADO-RS rendered: first frame as PNG (default) or JPEG",
     description = "Modality LUT, VOI LUT/window, MONOCHROME1 inversion and palette/YBR conversion applied.",
-    params(
-        ("study" = String, Path),
-        ("series" = String, Path),
-        ("instance" = String, Path),
-        ("quality" = Option<i64>, Query, description = "(at most 100)")
-    ),
-    responses(
-        (status = 200, description = "image", content(("image/png"), ("image/jpeg"))),
-        (status = 404, response = Problem),
-        (status = 406, response = Problem),
-        (status = 422, response = Problem)
-    )
+    params(InstancePath, RenderedQuery),
+    responses((status = 200, description = "image", content(("image/png"), ("image/jpeg"))), (status = 404, response = Problem), (status = 406, response = Problem), (status = 422, response = Problem))
 )]
 pub async fn rendered_instance(
     s: State<AppState>,
@@ -828,24 +732,10 @@ pub async fn rendered_instance(
 }
 
 /// `GET /dicomweb/studies/{study}/series/{series}/instances/{instance}/frames/{frame}/rendered`.
-#[utoipa::path(
-    get,
-    path = "/dicomweb/studies/{study}/series/{series}/instances/{instance}/frames/{frame}/rendered",
-    tag = "dicomweb",
-    operation_id = "wadoFrameRendered",
+#[utoipa::path(get, path = "/dicomweb/studies/{study}/series/{series}/instances/{instance}/frames/{frame}/rendered", tag = "dicomweb", operation_id = "wadoFrameRendered",
     summary = "WADO-RS rendered frame (1-based)",
-    params(
-        ("study" = String, Path),
-        ("series" = String, Path),
-        ("instance" = String, Path),
-        ("frame" = String, Path)
-    ),
-    responses(
-        (status = 200, description = "image", content(("image/png"), ("image/jpeg"))),
-        (status = 400, response = Problem),
-        (status = 404, response = Problem),
-        (status = 422, response = Problem)
-    )
+    params(FramePath, RenderedQuery),
+    responses((status = 200, description = "image", content(("image/png"), ("image/jpeg"))), (status = 400, response = Problem), (status = 404, response = Problem), (status = 422, response = Problem))
 )]
 pub async fn rendered_frame(
     s: State<AppState>,
@@ -924,15 +814,9 @@ fn render(
 }
 
 /// `GET /v1/instances/{sop}`: where an instance is in the analysis flow.
-#[utoipa::path(
-    get,
-    path = "/v1/instances/{sop}",
-    tag = "dicom-status",
-    operation_id = "instanceStatus",
+#[utoipa::path(get, path = "/v1/instances/{sop}", tag = "dicom-status", operation_id = "instanceStatus",
     summary = "Analysis and export state of an instance",
-    params(
-        ("sop" = String, Path)
-    ),
+    params(("sop" = String, Path)),
     responses(
         (status = 200, description = "state: pending, running, done, skipped or failed, with the reason, result_url and exports", body = serde_json::Value, content_type = "application/json"),
         (status = 404, response = Problem)
@@ -964,19 +848,10 @@ pub async fn instance_status(
 
 /// `GET /v1/studies/{study}/instances`: the analysis state of every instance of a study,
 /// Carina's results included.
-#[utoipa::path(
-    get,
-    path = "/v1/studies/{study}/instances",
-    tag = "dicom-status",
-    operation_id = "studyStatus",
+#[utoipa::path(get, path = "/v1/studies/{study}/instances", tag = "dicom-status", operation_id = "studyStatus",
     summary = "State of every instance of a study, Carina's results included",
-    params(
-        ("study" = String, Path)
-    ),
-    responses(
-        (status = 200, description = "array", body = Vec<serde_json::Value>, content_type = "application/json"),
-        (status = 404, response = Problem)
-    )
+    params(StudyPath),
+    responses((status = 200, description = "array", body = Vec<serde_json::Value>, content_type = "application/json"), (status = 404, response = Problem))
 )]
 pub async fn study_status(
     State(state): State<AppState>,
@@ -1001,21 +876,10 @@ pub struct ExportsQuery {
 }
 
 /// `GET /v1/exports`: result exports to PACS destinations and their state.
-#[utoipa::path(
-    get,
-    path = "/v1/exports",
-    tag = "dicom-status",
-    operation_id = "exports",
+#[utoipa::path(get, path = "/v1/exports", tag = "dicom-status", operation_id = "exports",
     summary = "Result exports to PACS destinations",
-    params(
-        ("state" = Option<String>, Query, description = "(one of `pending`, `sent`, `failed`)"),
-        ("sop" = Option<String>, Query),
-        ("limit" = Option<i64>, Query)
-    ),
-    responses(
-        (status = 200, description = "array", body = Vec<serde_json::Value>, content_type = "application/json"),
-        (status = 400, response = Problem)
-    )
+    params(("state" = Option<String>, Query, description = "(one of `pending`, `sent`, `failed`)"), ("sop" = Option<String>, Query), ("limit" = Option<i64>, Query)),
+    responses((status = 200, description = "array", body = Vec<serde_json::Value>, content_type = "application/json"), (status = 400, response = Problem))
 )]
 pub async fn exports(
     State(state): State<AppState>,

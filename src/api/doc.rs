@@ -8,8 +8,12 @@
 use std::sync::OnceLock;
 
 use serde::Serialize;
+use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, Schema, SchemaFormat, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::RefOr;
 use utoipa::{Modify, OpenApi, ToResponse, ToSchema};
+
+use super::error::LegacyDetail;
 
 /// Document-wide parts of the OpenAPI document; the paths are added by [`super::routes`].
 #[derive(OpenApi)]
@@ -29,7 +33,10 @@ use utoipa::{Modify, OpenApi, ToResponse, ToSchema};
         (name = "FHIR R4", description = "FHIR R4 REST: read, vread, search, create, update, transaction/batch Bundles, `$predict`, async requests."),
         (name = "security", description = "SMART on FHIR discovery."),
     ),
-    components(schemas(OperationOutcome, Bundle), responses(Problem)),
+    components(
+        schemas(OperationOutcome, Bundle, Binary, LegacyDetail),
+        responses(Problem, LegacyProblem)
+    ),
     modifiers(&Bearer),
     security(("bearer" = []), ()),
 )]
@@ -65,6 +72,22 @@ pub fn spec() -> &'static str {
             .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
     })
 }
+
+/// Raw bytes: an image, a DICOM file, a multipart body (`type: string, format: binary`).
+pub struct Binary;
+
+impl utoipa::PartialSchema for Binary {
+    fn schema() -> RefOr<Schema> {
+        let format = SchemaFormat::KnownFormat(KnownFormat::Binary);
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .format(Some(format))
+            .description(Some("Raw bytes."))
+            .into()
+    }
+}
+
+impl ToSchema for Binary {}
 
 /// FHIR R4 OperationOutcome, answered for every error on the FHIR and `/v1` paths.
 #[derive(Serialize, ToSchema)]
@@ -120,3 +143,9 @@ pub struct Entry {
     /// A FHIR resource (`resourceType` and its elements).
     resource: Option<serde_json::Value>,
 }
+
+/// The legacy API's error, `{"detail": ...}`: 400 for invalid base64 or not an image, 404 for
+/// no such file, 413 for a body too large.
+#[derive(ToResponse)]
+#[response(content_type = "application/json")]
+pub struct LegacyProblem(pub LegacyDetail);

@@ -17,6 +17,7 @@ use crate::auth::{Access, AuthError, Grant, Interaction};
 use crate::fhir::{bundle, capability, compartment, rest, FhirError};
 use crate::jobs::AsyncProgress;
 use crate::store::fhir::Stored;
+use utoipa::IntoParams;
 
 const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
 
@@ -39,6 +40,26 @@ enum Return {
     Minimal,
     Representation,
     Outcome,
+}
+
+/// A resource type in the URL.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+pub struct TypePath {
+    /// A FHIR R4 resource type, e.g. `Patient` (see `/fhir/metadata`).
+    r#type: String,
+}
+
+/// A resource in the URL.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+pub struct ResourcePath {
+    /// A FHIR R4 resource type, e.g. `Patient`.
+    r#type: String,
+    /// The resource's logical id.
+    id: String,
 }
 
 fn prefer(headers: &HeaderMap) -> (Return, bool) {
@@ -109,20 +130,11 @@ async fn start_async(
 
 /// `GET /fhir/_async/{id}`: 202 while running, then 200 with a batch-response Bundle: the
 /// request's own answer, then each DiagnosticReport it produced.
-#[utoipa::path(
-    get,
-    path = "/fhir/_async/{id}",
-    tag = "FHIR R4",
+#[utoipa::path(get, path = "/fhir/_async/{id}", tag = "FHIR R4",
     summary = "Status of a Prefer: respond-async request",
     description = "202 (X-Progress) while the analyses it triggered run; then 200 with a batch-response Bundle: the request's own answer, then each DiagnosticReport it produced. 500 incomplete when a restart cut the analyses short (the resources are stored).",
-    params(
-        ("id" = String, Path)
-    ),
-    responses(
-        (status = 200, description = "batch-response Bundle", content_type = "application/fhir+json"),
-        (status = 202, description = "still running"),
-        (status = 404, response = Problem)
-    )
+    params(("id" = String, Path)),
+    responses((status = 200, description = "batch-response Bundle", content_type = "application/fhir+json"), (status = 202, description = "still running"), (status = 404, response = Problem))
 )]
 pub async fn async_status(
     State(state): State<AppState>,
@@ -307,17 +319,10 @@ fn trigger_headers(r: &mut Response, t: &crate::jobs::Triggered, base: &str) {
 }
 
 /// `GET /fhir/metadata`.
-#[utoipa::path(
-    get,
-    path = "/fhir/metadata",
-    tag = "FHIR R4",
+#[utoipa::path(get, path = "/fhir/metadata", tag = "FHIR R4",
     summary = "CapabilityStatement",
     description = "Exactly what this server implements: resource types, interactions, search parameters, operations.",
-    responses(
-        (status = 200, description = "FHIR resource or Bundle", content_type = "application/fhir+json"),
-        (status = 400, response = Problem),
-        (status = 404, response = Problem)
-    )
+    responses((status = 200, description = "FHIR resource or Bundle", content_type = "application/fhir+json"), (status = 400, response = Problem), (status = 404, response = Problem))
 )]
 pub async fn metadata(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let security = match &state.auth {
@@ -341,10 +346,7 @@ pub async fn metadata(State(state): State<AppState>, headers: HeaderMap) -> Resp
 }
 
 /// `POST /fhir`: transaction, batch, or a Bundle to store.
-#[utoipa::path(
-    post,
-    path = "/fhir",
-    tag = "FHIR R4",
+#[utoipa::path(post, path = "/fhir", tag = "FHIR R4",
     summary = "Transaction, batch, or a Bundle to store",
     description = "transaction: atomic, urn:uuid references resolved, transaction-response; batch: each entry answered on its own (batch-response); any other Bundle type (collection, document, message, ...) is stored as a Bundle resource (201).",
     request_body(content_type = "application/fhir+json"),
@@ -400,15 +402,10 @@ fn bundle_answer(
 }
 
 /// `POST /fhir/{type}`: create.
-#[utoipa::path(
-    post,
-    path = "/fhir/{type}",
-    tag = "FHIR R4",
+#[utoipa::path(post, path = "/fhir/{type}", tag = "FHIR R4",
     summary = "Create",
     description = "Server-assigned id; 201 with Location, ETag and Last-Modified. Prefer: return=minimal|representation|OperationOutcome. Stored Patients and lab Observations trigger an ICU-risk assessment when the risk features change.",
-    params(
-        ("type" = String, Path)
-    ),
+    params(TypePath),
     request_body(content_type = "application/fhir+json"),
     responses(
         (status = 201, description = "FHIR resource or Bundle", content_type = "application/fhir+json"),
@@ -487,16 +484,10 @@ fn if_match(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
 }
 
 /// `PUT /fhir/{type}/{id}`: update (or create with this id).
-#[utoipa::path(
-    put,
-    path = "/fhir/{type}/{id}",
-    tag = "FHIR R4",
+#[utoipa::path(put, path = "/fhir/{type}/{id}", tag = "FHIR R4",
     summary = "Update",
     description = "A new version (or the first one, with this id). If-Match: W/\"n\" is checked (412).",
-    params(
-        ("type" = String, Path),
-        ("id" = String, Path)
-    ),
+    params(ResourcePath),
     request_body(content_type = "application/fhir+json"),
     responses(
         (status = 200, description = "FHIR resource or Bundle", content_type = "application/fhir+json"),
@@ -517,44 +508,31 @@ pub async fn update(
     let who = (&access, Interaction::Update);
     let (value, grant) = write_request(&state, who, &resource_type, &headers, body).await?;
     if let Grant::Patient(p) = &grant {
-        // the version it replaces must be the patient's too
-        if let Some(old) = state.store.fhir_read(&resource_type, &id, None).await? {
-            if !compartment::contains(&resource_type, &old.body, p) {
-                return Err(outside().into());
-            }
-        }
+        replaces_own(&state, &resource_type, &id, p).await?;
     }
     let (ret, _) = prefer(&headers);
-    let if_match = if_match(&headers)?;
+    let (store, jobs, version) = (&state.store, &state.jobs, if_match(&headers)?);
+    let (stored, jobs) = rest::update(store, jobs, &resource_type, &id, value, version).await?;
     let base = fhir_base(&state, &headers);
-    let (stored, jobs) = rest::update(
-        &state.store,
-        &state.jobs,
-        &resource_type,
-        &id,
-        value,
-        if_match,
-    )
-    .await?;
     Ok(answer_write(&state, &stored, &jobs, &base, ret).await)
 }
 
+/// A patient-level update: the version it replaces must be in the patient's compartment too.
+async fn replaces_own(state: &AppState, t: &str, id: &str, patient: &str) -> Result<(), ApiError> {
+    if let Some(old) = state.store.fhir_read(t, id, None).await? {
+        if !compartment::contains(t, &old.body, patient) {
+            return Err(outside().into());
+        }
+    }
+    Ok(())
+}
+
 /// `GET /fhir/{type}/{id}`: read.
-#[utoipa::path(
-    get,
-    path = "/fhir/{type}/{id}",
-    tag = "FHIR R4",
+#[utoipa::path(get, path = "/fhir/{type}/{id}", tag = "FHIR R4",
     summary = "Read",
     description = "The current version, with ETag.",
-    params(
-        ("type" = String, Path),
-        ("id" = String, Path)
-    ),
-    responses(
-        (status = 200, description = "FHIR resource or Bundle", content_type = "application/fhir+json"),
-        (status = 400, response = Problem),
-        (status = 404, response = Problem)
-    )
+    params(ResourcePath),
+    responses((status = 200, description = "FHIR resource or Bundle", content_type = "application/fhir+json"), (status = 400, response = Problem), (status = 404, response = Problem))
 )]
 pub async fn read(
     State(state): State<AppState>,
@@ -570,22 +548,11 @@ pub async fn read(
 }
 
 /// `GET /fhir/{type}/{id}/_history/{vid}`: vread.
-#[utoipa::path(
-    get,
-    path = "/fhir/{type}/{id}/_history/{vid}",
-    tag = "FHIR R4",
+#[utoipa::path(get, path = "/fhir/{type}/{id}/_history/{vid}", tag = "FHIR R4",
     summary = "Vread",
     description = "One version.",
-    params(
-        ("type" = String, Path),
-        ("id" = String, Path),
-        ("vid" = String, Path)
-    ),
-    responses(
-        (status = 200, description = "FHIR resource or Bundle", content_type = "application/fhir+json"),
-        (status = 400, response = Problem),
-        (status = 404, response = Problem)
-    )
+    params(("type" = String, Path), ("id" = String, Path), ("vid" = String, Path)),
+    responses((status = 200, description = "FHIR resource or Bundle", content_type = "application/fhir+json"), (status = 400, response = Problem), (status = 404, response = Problem))
 )]
 pub async fn vread(
     State(state): State<AppState>,
@@ -601,20 +568,11 @@ pub async fn vread(
 }
 
 /// `GET /fhir/{type}?…`: search.
-#[utoipa::path(
-    get,
-    path = "/fhir/{type}",
-    tag = "FHIR R4",
+#[utoipa::path(get, path = "/fhir/{type}", tag = "FHIR R4",
     summary = "Search",
     description = "Parameters per type (see /fhir/metadata): _id, _lastUpdated, patient, subject, code, date, status, identifier, ...; _count and next/previous links. Unknown parameters are reported in the searchset, or refused with Prefer: handling=strict.",
-    params(
-        ("type" = String, Path)
-    ),
-    responses(
-        (status = 200, description = "FHIR resource or Bundle", content_type = "application/fhir+json"),
-        (status = 400, response = Problem),
-        (status = 404, response = Problem)
-    )
+    params(TypePath),
+    responses((status = 200, description = "FHIR resource or Bundle", content_type = "application/fhir+json"), (status = 400, response = Problem), (status = 404, response = Problem))
 )]
 pub async fn search(
     State(state): State<AppState>,
@@ -662,16 +620,10 @@ fn keep_compartment(bundle: &mut Value, patient: &str) {
 }
 
 /// `POST /fhir/{type}/{id}`: only `$operations` (`RiskAssessment/$predict`).
-#[utoipa::path(
-    post,
-    path = "/fhir/{type}/{id}",
-    tag = "FHIR R4",
+#[utoipa::path(post, path = "/fhir/{type}/{id}", tag = "FHIR R4",
     summary = "FHIR operation: `POST /fhir/RiskAssessment/$predict`, ICU-risk prediction",
     description = "Body: a Bundle with the Patient and lab Observations (LOINC, UCUM), or Parameters with `subject` (a stored Patient) or `resource` parts. Answers a collection Bundle with the RiskAssessment, its Provenance and the model's Device; stored when the subject is a stored Patient. 422 names missing required features.",
-    params(
-        ("type" = String, Path, description = "`RiskAssessment`"),
-        ("id" = String, Path, description = "The operation: `$predict` (any other answers 501 OperationOutcome `not-supported`)")
-    ),
+    params(("type" = String, Path, description = "`RiskAssessment`"), ("id" = String, Path, description = "The operation: `$predict` (any other answers 501 OperationOutcome `not-supported`)")),
     request_body(content_type = "application/fhir+json"),
     responses(
         (status = 200, description = "FHIR resource or Bundle", content_type = "application/fhir+json"),

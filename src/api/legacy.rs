@@ -11,11 +11,11 @@ use axum::response::{IntoResponse, Response};
 use axum::{Form, Json};
 use base64::Engine as _;
 use serde::Serialize;
-
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::base_url;
+use super::doc::{Binary, LegacyProblem};
 use super::error::{ApiError, LegacyError};
 use crate::analysis::pipeline::{self, Analysis};
 use crate::app::AppState;
@@ -66,16 +66,10 @@ const PNEUMONIA: &str = "233604007";
 const NORMAL: &str = "281900007";
 
 /// `GET /covid19/api/v1/healthcheck`.
-#[utoipa::path(
-    get,
-    path = "/covid19/api/v1/healthcheck",
-    tag = "legacy covid19 demo",
-    operation_id = "legacyHealthcheck",
+#[utoipa::path(get, path = "/covid19/api/v1/healthcheck", tag = "legacy covid19 demo", operation_id = "legacyHealthcheck",
     summary = "Legacy health check",
     description = "2020 demo API. Returns a JSON string.",
-    responses(
-        (status = 200, description = "Live.", body = String, content_type = "application/json")
-    )
+    responses((status = 200, description = "Live.", body = String, content_type = "application/json"))
 )]
 pub async fn healthcheck() -> Json<&'static str> {
     Json("Covid19 detector API is live!\n\n")
@@ -209,20 +203,11 @@ fn timed(a: &Analysis, body: impl Serialize) -> Response {
 }
 
 /// `POST /covid19/api/v1/predict/`: class and raw probabilities.
-#[utoipa::path(
-    post,
-    path = "/covid19/api/v1/predict/",
-    tag = "legacy covid19 demo",
-    operation_id = "legacyPredict",
+#[utoipa::path(post, path = "/covid19/api/v1/predict/", tag = "legacy covid19 demo", operation_id = "legacyPredict",
     summary = "Legacy classification",
     description = "2020 demo API: classify a base64-encoded PNG/JPEG sent in form field `b64`.",
-    request_body(content((crate::api::legacy::LegacyForm = "application/x-www-form-urlencoded"), (crate::api::legacy::LegacyForm = "multipart/form-data")), description = "Form with a field `b64` holding a base64-encoded PNG/JPEG file."),
-    responses(
-        (status = 200, description = "Classification.", body = crate::api::legacy::LegacyPrediction, content_type = "application/json"),
-        (status = 400, description = "Invalid base64 or not an image (`{\"detail\": ...}`).", body = crate::api::error::LegacyDetail, content_type = "application/json"),
-        (status = 413, description = "Request body too large (`{\"detail\": ...}`).", body = crate::api::error::LegacyDetail, content_type = "application/json")
-    )
-)]
+    request_body(content((LegacyForm = "application/x-www-form-urlencoded"), (LegacyForm = "multipart/form-data")), description = "Form with a field `b64` holding a base64-encoded PNG/JPEG file."),
+    responses((status = 200, description = "Classification.", body = LegacyPrediction, content_type = "application/json"), (status = 400, response = LegacyProblem), (status = 413, response = LegacyProblem)))]
 pub async fn predict(State(state): State<AppState>, req: Request) -> Result<Response, LegacyError> {
     let bytes = b64_field(req).await?;
     let media = media(&bytes)?;
@@ -241,20 +226,11 @@ pub async fn predict(State(state): State<AppState>, req: Request) -> Result<Resp
 
 /// `POST /covid19/api/v1/predict/heatmap`: the demo's wording, plus URLs of the stored input and
 /// heatmap overlay.
-#[utoipa::path(
-    post,
-    path = "/covid19/api/v1/predict/heatmap",
-    tag = "legacy covid19 demo",
-    operation_id = "legacyPredictHeatmap",
+#[utoipa::path(post, path = "/covid19/api/v1/predict/heatmap", tag = "legacy covid19 demo", operation_id = "legacyPredictHeatmap",
     summary = "Legacy classification with heatmap",
     description = "2020 demo API: like `/predict/`, plus the COVID-19 probability and URLs of the input image and heatmap under `/static/`.",
-    request_body(content((crate::api::legacy::LegacyForm = "application/x-www-form-urlencoded"), (crate::api::legacy::LegacyForm = "multipart/form-data")), description = "Form with a field `b64` holding a base64-encoded PNG/JPEG file."),
-    responses(
-        (status = 200, description = "Classification with heatmap URLs.", body = crate::api::legacy::LegacyHeatmapPrediction, content_type = "application/json"),
-        (status = 400, description = "Invalid base64 or not an image (`{\"detail\": ...}`).", body = crate::api::error::LegacyDetail, content_type = "application/json"),
-        (status = 413, description = "Request body too large (`{\"detail\": ...}`).", body = crate::api::error::LegacyDetail, content_type = "application/json")
-    )
-)]
+    request_body(content((LegacyForm = "application/x-www-form-urlencoded"), (LegacyForm = "multipart/form-data")), description = "Form with a field `b64` holding a base64-encoded PNG/JPEG file."),
+    responses((status = 200, description = "Classification with heatmap URLs.", body = LegacyHeatmapPrediction, content_type = "application/json"), (status = 400, response = LegacyProblem), (status = 413, response = LegacyProblem)))]
 pub async fn predict_heatmap(
     State(state): State<AppState>,
     req: Request,
@@ -297,6 +273,15 @@ impl LegacyHeatmapPrediction {
     }
 }
 
+/// A file under `/static/...` in the URL.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+pub struct LegacyFile {
+    /// File name, e.g. `<id>.png`.
+    file: String,
+}
+
 fn id_in(file: &str) -> Option<Uuid> {
     let stem = file.strip_suffix(".png")?;
     stem.split('_').find_map(|part| Uuid::parse_str(part).ok())
@@ -319,20 +304,11 @@ async fn legacy_blob(
 }
 
 /// `GET /static/source/{file}`: the decoded input of a heatmap request.
-#[utoipa::path(
-    get,
-    path = "/static/source/{file}",
-    tag = "legacy covid19 demo",
-    operation_id = "legacyStaticSource",
+#[utoipa::path(get, path = "/static/source/{file}", tag = "legacy covid19 demo", operation_id = "legacyStaticSource",
     summary = "Legacy input image",
     description = "PNG referenced by the legacy input image (`Input_Image`) URL.",
-    params(
-        ("file" = String, Path, description = "File name, e.g. `<id>.png`.")
-    ),
-    responses(
-        (status = 200, description = "PNG image.", body = String, content_type = "image/png"),
-        (status = 404, description = "No such file (`{\"detail\": ...}`).", body = crate::api::error::LegacyDetail, content_type = "application/json")
-    )
+    params(LegacyFile),
+    responses((status = 200, description = "PNG image.", body = Binary, content_type = "image/png"), (status = 404, response = LegacyProblem))
 )]
 pub async fn source_image(
     State(state): State<AppState>,
@@ -342,26 +318,13 @@ pub async fn source_image(
 }
 
 /// `GET /static/result/{file}`: the heatmap overlay of a heatmap request.
-#[utoipa::path(
-    get,
-    path = "/static/result/{file}",
-    tag = "legacy covid19 demo",
-    operation_id = "legacyStaticResult",
+#[utoipa::path(get, path = "/static/result/{file}", tag = "legacy covid19 demo", operation_id = "legacyStaticResult",
     summary = "Legacy heatmap",
     description = "PNG referenced by the legacy heatmap (`Output_Heatmap`) URL.",
-    params(
-        ("file" = String, Path, description = "File name, e.g. `<id>.png`.")
-    ),
-    responses(
-        (status = 200, description = "PNG image.", body = String, content_type = "image/png"),
-        (status = 404, description = "No such file (`{\"detail\": ...}`).", body = crate::api::error::LegacyDetail, content_type = "application/json")
-    )
-)]
-pub async fn result_image(
-    State(state): State<AppState>,
-    Path(file): Path<String>,
-) -> Result<Response, LegacyError> {
-    legacy_blob(&state, &file, "overlay.png").await
+    params(LegacyFile),
+    responses((status = 200, description = "PNG image.", body = Binary, content_type = "image/png"), (status = 404, response = LegacyProblem)))]
+pub async fn result_image(s: State<AppState>, file: Path<String>) -> Result<Response, LegacyError> {
+    legacy_blob(&s, &file, "overlay.png").await
 }
 
 #[cfg(test)]

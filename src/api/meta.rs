@@ -10,22 +10,16 @@ use axum::Json;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use super::doc::OperationOutcome;
+use super::doc::{Binary, OperationOutcome};
 use super::error::ApiError;
 use crate::app::AppState;
 use crate::inference::ModelInfo;
 
 /// `GET /healthz`: the process answers.
-#[utoipa::path(
-    get,
-    path = "/healthz",
-    tag = "ops",
-    operation_id = "healthz",
+#[utoipa::path(get, path = "/healthz", tag = "ops", operation_id = "healthz",
     summary = "Liveness probe",
     description = "Liveness only: the process answers. Readiness is /readyz.",
-    responses(
-        (status = 200, description = "Alive.", body = String, content_type = "text/plain")
-    )
+    responses((status = 200, description = "Alive.", body = String, content_type = "text/plain"))
 )]
 pub async fn healthz() -> &'static str {
     "ok"
@@ -47,11 +41,7 @@ pub struct Readiness {
 
 /// `GET /readyz`: ready to take work when the database answers, both blob folders can be
 /// written and at least one image model is loaded (HAProxy health checks use it).
-#[utoipa::path(
-    get,
-    path = "/readyz",
-    tag = "ops",
-    operation_id = "readyz",
+#[utoipa::path(get, path = "/readyz", tag = "ops", operation_id = "readyz",
     summary = "Readiness probe",
     description = "Ready when the database answers, both blob folders can be written and at least one image model is loaded; `checks` says which failed, `node` names this replica (its job-lease owner). HAProxy's health check uses it.",
     responses(
@@ -95,19 +85,8 @@ impl Readiness {
     }
 }
 
-/// The loaded models.
-#[derive(Serialize, ToSchema)]
-pub struct ModelList {
-    /// Image and tabular models.
-    pub models: Vec<ModelInfo>,
-}
-
 /// `GET /v1/models`.
-#[utoipa::path(
-    get,
-    path = "/v1/models",
-    tag = "models",
-    operation_id = "listModels",
+#[utoipa::path(get, path = "/v1/models", tag = "models", operation_id = "listModels",
     summary = "List loaded models",
     description = "Name, version, task, inputs, class labels and CAM method of each loaded model.",
     responses(
@@ -119,6 +98,13 @@ pub async fn models(State(state): State<AppState>) -> Json<ModelList> {
     Json(ModelList {
         models: state.models.describe(),
     })
+}
+
+/// The loaded models.
+#[derive(Serialize, ToSchema)]
+pub struct ModelList {
+    /// Image and tabular models.
+    pub models: Vec<ModelInfo>,
 }
 
 const INDEX: &str = include_str!("assets/index.html");
@@ -142,16 +128,10 @@ fn index_csp() -> &'static str {
 }
 
 /// `GET /`: the upload page, with a strict CSP, `nosniff` and no framing.
-#[utoipa::path(
-    get,
-    path = "/",
-    tag = "ui",
-    operation_id = "webUi",
+#[utoipa::path(get, path = "/", tag = "ui", operation_id = "webUi",
     summary = "Web page",
     description = "Self-contained demo page for uploading an X-ray.",
-    responses(
-        (status = 200, description = "HTML page.", body = String, content_type = "text/html")
-    )
+    responses((status = 200, description = "HTML page.", body = String, content_type = "text/html"))
 )]
 pub async fn index() -> Response {
     (
@@ -167,16 +147,10 @@ pub async fn index() -> Response {
 }
 
 /// `GET /docs`: to `/docs/`, so that the page's relative asset links resolve under it.
-#[utoipa::path(
-    get,
-    path = "/docs",
-    tag = "ui",
-    operation_id = "apiDocs",
+#[utoipa::path(get, path = "/docs", tag = "ui", operation_id = "apiDocs",
     summary = "Interactive API docs (redirects to `/docs/`)",
     description = "Renders this OpenAPI document with a \"Try it\" form per operation.",
-    responses(
-        (status = 308, description = "To `/docs/`.", headers(("Location" = String)))
-    )
+    responses((status = 308, description = "To `/docs/`.", headers(("Location" = String))))
 )]
 pub async fn docs() -> Redirect {
     Redirect::permanent("/docs/")
@@ -198,31 +172,21 @@ fn swagger_config() -> Arc<utoipa_swagger_ui::Config<'static>> {
 }
 
 /// `GET /docs/`: the Swagger UI page (assets embedded in the binary, nothing from a CDN).
-#[utoipa::path(
-    get,
-    path = "/docs/",
-    tag = "ui",
-    operation_id = "apiDocsPage",
+#[utoipa::path(get, path = "/docs/", tag = "ui", operation_id = "apiDocsPage",
     summary = "Interactive API docs: Swagger UI",
     description = "Renders this OpenAPI document with a \"Try it out\" form per operation. Served from assets compiled into the binary: nothing comes from a CDN.",
-    responses(
-        (status = 200, description = "HTML page.", body = String, content_type = "text/html")
-    )
+    responses((status = 200, description = "HTML page.", body = String, content_type = "text/html"))
 )]
 pub async fn docs_index() -> Result<Response, ApiError> {
     docs_asset("index.html")
 }
 
 /// `GET /docs/{file}`: a Swagger UI asset.
-#[utoipa::path(
-    get,
-    path = "/docs/{file}",
-    tag = "ui",
-    operation_id = "apiDocsAsset",
+#[utoipa::path(get, path = "/docs/{file}", tag = "ui", operation_id = "apiDocsAsset",
     summary = "A Swagger UI asset",
     params(("file" = String, Path, description = "e.g. `swagger-ui-bundle.js`")),
     responses(
-        (status = 200, description = "The asset.", body = [u8], content_type = "application/octet-stream"),
+        (status = 200, description = "The asset.", body = Binary, content_type = "application/octet-stream"),
         (status = 404, description = "No such asset.", body = OperationOutcome, content_type = "application/fhir+json")
     )
 )]
@@ -255,16 +219,10 @@ fn docs_asset(file: &str) -> Result<Response, ApiError> {
 const DOCS_CSP: &str = "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
 
 /// `GET /openapi.json`: the OpenAPI 3.1 document, derived from the handlers and types.
-#[utoipa::path(
-    get,
-    path = "/openapi.json",
-    tag = "ui",
-    operation_id = "openapiSpec",
+#[utoipa::path(get, path = "/openapi.json", tag = "ui", operation_id = "openapiSpec",
     summary = "OpenAPI document",
     description = "This document (OpenAPI 3.1).",
-    responses(
-        (status = 200, description = "OpenAPI 3.1 JSON.", body = serde_json::Value, content_type = "application/json")
-    )
+    responses((status = 200, description = "OpenAPI 3.1 JSON.", body = serde_json::Value, content_type = "application/json"))
 )]
 pub async fn openapi() -> Response {
     (

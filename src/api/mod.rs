@@ -47,25 +47,32 @@ pub fn routes() -> OpenApiRouter<AppState> {
 /// Everything but the FHIR REST API (which has its own body limit).
 fn service_routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(doc::ApiDoc::openapi())
+        // the page, its API docs and the spec
         .routes(routes!(meta::index))
         .routes(routes!(meta::docs))
         .routes(routes!(meta::docs_index))
         .routes(routes!(meta::docs_file))
         .routes(routes!(meta::openapi))
+        // probes
         .routes(routes!(meta::healthz))
         .routes(routes!(meta::readyz))
+        // SMART discovery
         .routes(routes!(auth::smart_configuration))
         .routes(routes!(auth::fhir_smart_configuration))
-        .routes(routes!(ops::metrics))
+        // the job queue, metrics
         .routes(routes!(ops::list))
         .routes(routes!(ops::get))
+        .routes(routes!(ops::metrics))
+        // image analysis
         .routes(routes!(meta::models))
         .routes(routes!(analyze::analyze))
+        // its results
         .routes(routes!(analyze::result))
         .routes(routes!(analyze::bundle))
         .routes(routes!(analyze::overlay))
         .routes(routes!(analyze::input))
         .merge(dicom_routes())
+        // the 2020 demo's API
         .routes(routes!(legacy::healthcheck))
         .routes(routes!(legacy::predict))
         .routes(routes!(legacy::predict_heatmap))
@@ -76,23 +83,27 @@ fn service_routes() -> OpenApiRouter<AppState> {
 /// DICOMweb (STOW-RS, QIDO-RS, WADO-RS) and where received instances are in the flow.
 fn dicom_routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
+        // where received instances are in the flow
         .routes(routes!(dicomweb::instance_status))
         .routes(routes!(dicomweb::study_status))
         .routes(routes!(dicomweb::exports))
+        // studies: search and store, retrieve and store into one, its metadata, series, instances
         .routes(routes!(dicomweb::search_studies, dicomweb::stow))
         .routes(routes!(dicomweb::retrieve_study, dicomweb::stow_study))
         .routes(routes!(dicomweb::study_metadata))
         .routes(routes!(dicomweb::search_study_series))
         .routes(routes!(dicomweb::search_study_instances))
+        // series
+        .routes(routes!(dicomweb::search_series))
         .routes(routes!(dicomweb::retrieve_series))
         .routes(routes!(dicomweb::series_metadata))
         .routes(routes!(dicomweb::search_series_instances))
+        // instances and frames
+        .routes(routes!(dicomweb::search_instances))
         .routes(routes!(dicomweb::retrieve_instance))
         .routes(routes!(dicomweb::instance_metadata))
         .routes(routes!(dicomweb::rendered_instance))
         .routes(routes!(dicomweb::rendered_frame))
-        .routes(routes!(dicomweb::search_series))
-        .routes(routes!(dicomweb::search_instances))
 }
 
 /// The FHIR R4 REST API.
@@ -101,6 +112,7 @@ fn fhir_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(fhir::post_bundle))
         .routes(routes!(fhir::metadata))
         .routes(routes!(fhir::async_status))
+        // type and instance interactions
         .routes(routes!(fhir::search, fhir::create))
         .routes(routes!(fhir::read, fhir::update, fhir::operation))
         .routes(routes!(fhir::vread))

@@ -38,11 +38,7 @@ fn one_of<T>(
 ///
 /// # Errors
 /// 400 for an unknown state or kind, or a bad number; 503 when the database is down.
-#[utoipa::path(
-    get,
-    path = "/v1/jobs",
-    tag = "ops",
-    operation_id = "listJobs",
+#[utoipa::path(get, path = "/v1/jobs", tag = "ops", operation_id = "listJobs",
     summary = "Jobs of the durable queue, newest first",
     description = "Analyses, ImagingStudy analyses and risk assessments are jobs in the database, enqueued in the same transaction as the data they work on. Filter by state (dead = the dead-letter state, with last_error), kind and subject.",
     params(
@@ -103,15 +99,9 @@ pub struct JobList {
 ///
 /// # Errors
 /// 404 for an unknown job; 503 when the database is down.
-#[utoipa::path(
-    get,
-    path = "/v1/jobs/{id}",
-    tag = "ops",
-    operation_id = "getJob",
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "ops", operation_id = "getJob",
     summary = "One job",
-    params(
-        ("id" = String, Path)
-    ),
+    params(("id" = String, Path)),
     responses(
         (status = 200, description = "The job.", body = crate::store::Job, content_type = "application/json"),
         (status = 404, description = "No such job.", body = OperationOutcome, content_type = "application/fhir+json")
@@ -130,16 +120,10 @@ pub async fn get(
 }
 
 /// `GET /metrics`: Prometheus text format (queue depth read from the database now).
-#[utoipa::path(
-    get,
-    path = "/metrics",
-    tag = "ops",
-    operation_id = "metrics",
+#[utoipa::path(get, path = "/metrics", tag = "ops", operation_id = "metrics",
     summary = "Prometheus metrics",
     description = "Text exposition 0.0.4: carina_http_requests_total and carina_http_request_duration_seconds by route template and status, carina_jobs (queue depth by kind and state), carina_job_outcomes_total, carina_job_duration_seconds, carina_inference_duration_seconds, carina_inference_batch_size, carina_gradcam_duration_seconds, carina_dimse_associations_total, carina_dimse_stores_total.",
-    responses(
-        (status = 200, description = "Metrics.", body = String, content_type = "text/plain")
-    )
+    responses((status = 200, description = "Metrics.", body = String, content_type = "text/plain"))
 )]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let queue = state.store.job_counts().await.unwrap_or_default();

@@ -132,8 +132,8 @@ impl RiskService {
     /// answer says which backend answered and why.
     ///
     /// # Errors
-    /// The local model's failure, as text.
-    pub async fn predict(&self, values: &[f32]) -> Result<Prediction, String> {
+    /// [`PredictError`]: the local model failed.
+    pub async fn predict(&self, values: &[f32]) -> Result<Prediction, PredictError> {
         let why = match &self.iris {
             None => "IRIS IntegratedML is not configured".to_string(),
             Some(iris) => match iris.predict(values).await {
@@ -151,10 +151,7 @@ impl RiskService {
         };
         let model = self.model.clone();
         let v = values.to_vec();
-        let p = tokio::task::spawn_blocking(move || model.predict(&v))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        let p = tokio::task::spawn_blocking(move || model.predict(&v)).await??;
         Ok(Prediction {
             probability: f64::from(p),
             backend: format!(
@@ -337,7 +334,7 @@ impl RiskService {
         let pred = self
             .predict(&f.values)
             .await
-            .map_err(FhirError::Unavailable)?;
+            .map_err(|e| FhirError::Unavailable(e.to_string()))?;
         let written = self.write(store, Some(patient), &f, &pred, now).await?;
         store.set_risk_state(patient, &key).await?;
         Ok(Some(written))
@@ -537,7 +534,7 @@ pub async fn predict_operation(
         let pred = service
             .predict(&f.values)
             .await
-            .map_err(FhirError::Unavailable)?;
+            .map_err(|e| FhirError::Unavailable(e.to_string()))?;
         let (ra, prov) = service.resources(subject.as_deref(), &f, &pred, now);
         vec![ra, prov, service.device()]
     };
@@ -557,4 +554,16 @@ pub async fn predict_operation(
         "timestamp": crate::fhir::index::instant(Utc::now()),
         "entry": entries,
     }))
+}
+
+/// Why no ICU-risk prediction came back (IRIS, when configured, has been tried and its
+/// failure logged first).
+#[derive(Debug, thiserror::Error)]
+pub enum PredictError {
+    /// The local model failed.
+    #[error("the local risk model failed: {0}")]
+    Model(#[from] crate::inference::engine::EngineError),
+    /// Its blocking task ended without an answer.
+    #[error("the local risk model's task ended: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
