@@ -9,11 +9,12 @@ pub mod iris;
 use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::fhir::search::{Cond, SearchQuery};
 use crate::fhir::FhirError;
 use crate::inference::TabularModel;
+use crate::report::risk as report;
 use crate::store::fhir::{Stored, Write};
 use crate::store::Store;
 use features::{FeatureSpec, Input, Source};
@@ -170,19 +171,22 @@ impl RiskService {
         .to_string()
     }
 
+    /// The model as its reports name it.
+    fn report_model<'a>(&'a self, device_id: &'a str) -> report::RiskModel<'a> {
+        let m = &self.model.manifest;
+        report::RiskModel {
+            name: &m.name,
+            version: &m.version,
+            description: &m.description,
+            device_id,
+            outcome: (&self.outcome.0, &self.outcome.1, &self.outcome.2),
+        }
+    }
+
     /// The Device resource for the model.
     pub fn device(&self) -> Value {
-        let m = &self.model.manifest;
-        json!({
-            "resourceType": "Device",
-            "id": self.device_id(),
-            "meta": {"profile": [format!("{}CarinaModelDevice", crate::report::fhir::PROFILE_BASE)]},
-            "status": "active",
-            "deviceName": [{"name": m.name, "type": "model-name"}],
-            "type": {"text": "AI model"},
-            "version": [{"value": m.version}],
-            "note": [{"text": format!("Tabular risk model: {} A demo, not for clinical use.", m.description)}]
-        })
+        let id = self.device_id();
+        report::device(&self.report_model(&id))
     }
 
     /// Builds the RiskAssessment and its Provenance (ids chosen here).
@@ -193,19 +197,15 @@ impl RiskService {
         p: &Prediction,
         at: DateTime<Utc>,
     ) -> (Value, Value) {
-        let m = &self.model.manifest;
-        let (ra_id, prov_id) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
-        let when = crate::fhir::index::instant(at);
-        let device = json!({"reference": format!("Device/{}", self.device_id()), "display": format!("{} {}", m.name, m.version)});
-        let basis: Vec<Value> = f
+        let basis = f
             .sources
             .iter()
             .filter_map(|s| match s {
-                Source::Observation(Some(r)) => Some(json!({"reference": r})),
+                Source::Observation(Some(r)) => Some(r.as_str()),
                 _ => None,
             })
             .collect();
-        let inputs: Vec<String> = self
+        let inputs = self
             .specs
             .iter()
             .zip(&f.values)
@@ -219,59 +219,18 @@ impl RiskService {
                 format!("{} = {v} {} ({how})", s.name, s.unit)
             })
             .collect();
-        let q = self.qualitative(p.probability);
-        let mut ra = json!({
-            "resourceType": "RiskAssessment",
-            "id": ra_id.to_string(),
-            "meta": {
-                "profile": [format!("{}CarinaRiskAssessment", crate::report::fhir::PROFILE_BASE)],
-                "security": [{"system": crate::report::fhir::AIAST.0, "code": crate::report::fhir::AIAST.1, "display": crate::report::fhir::AIAST.2}]
-            },
-            "status": "final",
-            "method": {"coding": [{"system": "https://carina.example.org/fhir/CodeSystem/models", "code": m.name, "display": format!("{} {}", m.name, m.version)}], "text": format!("{} {}", m.name, m.version)},
-            "code": {"text": format!("Risk of {}", self.outcome.2)},
-            "occurrenceDateTime": when,
-            "performer": device,
-            "prediction": [{
-                "outcome": {"coding": [{"system": self.outcome.0, "code": self.outcome.1, "display": self.outcome.2}], "text": self.outcome.2},
-                "probabilityDecimal": (p.probability * 1e6).round() / 1e6,
-                "qualitativeRisk": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/risk-probability", "code": q, "display": match q { "high" => "High likelihood", "moderate" => "Moderate likelihood", _ => "Low likelihood" }}]}
-            }],
-            "note": [{"text": format!(
-                "Inputs: {}. {}Backend: {}. Demo model, not for clinical use.",
-                inputs.join("; "),
-                if f.notes.is_empty() { String::new() } else { format!("Notes: {}. ", f.notes.join("; ")) },
-                p.backend
-            )}]
-        });
-        // subject is 1..1 in R4: a display-only reference when the caller named no patient
-        ra["subject"] = match subject {
-            Some(s) => json!({"reference": s}),
-            None => json!({"display": "patient not identified in the request"}),
+        let a = report::Assessment {
+            subject,
+            inputs,
+            notes: &f.notes,
+            basis,
+            probability: p.probability,
+            qualitative: self.qualitative(p.probability),
+            backend: &p.backend,
+            at,
         };
-        if !basis.is_empty() {
-            ra["basis"] = json!(basis);
-        }
-        let mut prov = json!({
-            "resourceType": "Provenance",
-            "id": prov_id.to_string(),
-            "meta": {"profile": [format!("{}CarinaAIProvenance", crate::report::fhir::PROFILE_BASE)]},
-            "target": [{"reference": format!("RiskAssessment/{ra_id}")}],
-            "recorded": when,
-            "activity": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation", "code": "CREATE", "display": "create"}]},
-            "reason": [{"text": format!("backend: {}", p.backend)}],
-            "agent": [{
-                "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type", "code": "author", "display": "Author"}]},
-                "who": device
-            }],
-        });
-        if !basis.is_empty() {
-            prov["entity"] = json!(basis
-                .iter()
-                .map(|b| json!({"role": "source", "what": b}))
-                .collect::<Vec<_>>());
-        }
-        (ra, prov)
+        let id = self.device_id();
+        report::assessment(&self.report_model(&id), &a)
     }
 
     /// The stored Patient and feature Observations of `patient` (`Patient/123`).
@@ -538,22 +497,7 @@ pub async fn predict_operation(
         let (ra, prov) = service.resources(subject.as_deref(), &f, &pred, now);
         vec![ra, prov, service.device()]
     };
-    let entries: Vec<Value> = stored
-        .into_iter()
-        .map(|r| {
-            json!({
-                "fullUrl": format!("{base}/{}/{}", r["resourceType"].as_str().unwrap_or(""), r["id"].as_str().unwrap_or("")),
-                "resource": r
-            })
-        })
-        .collect();
-    Ok(json!({
-        "resourceType": "Bundle",
-        "id": uuid::Uuid::new_v4().to_string(),
-        "type": "collection",
-        "timestamp": crate::fhir::index::instant(Utc::now()),
-        "entry": entries,
-    }))
+    Ok(report::collection(stored, base))
 }
 
 /// Why no ICU-risk prediction came back (IRIS, when configured, has been tried and its
