@@ -78,7 +78,6 @@ impl App {
         .with_exporter(exporter.clone());
         let jobs = Jobs::new(
             store.clone(),
-            models.clone(),
             ingest.clone(),
             analyser,
             risk.clone(),

@@ -17,7 +17,7 @@ use crate::dicom::routing::{self, Decision, Route};
 use crate::dicom::sc::{self, ScInput, ScResult};
 use crate::dicom::{parse_instance, ParseError};
 use crate::imaging::MediaType;
-use crate::inference::Registry;
+use crate::inference::{ImageModel, Registry};
 use crate::outbound::export::Exporter;
 use crate::store::{Source, Store, StoreError};
 use pipeline::{AnalyseError, Analysis};
@@ -90,6 +90,11 @@ impl Analyser {
             public_url,
             exporter: None,
         }
+    }
+
+    /// The image model `name` names, or the first one.
+    pub fn image_model(&self, name: Option<&str>) -> Option<&Arc<ImageModel>> {
+        self.models.image_model(name)
     }
 
     /// Sends each Secondary Capture result to the exporter's destinations.

@@ -11,10 +11,11 @@ use utoipa::IntoParams;
 use uuid::Uuid;
 
 use super::base_url;
-use super::doc::{Binary, OperationOutcome, Problem};
+use super::doc::{Binary, Problem};
 use super::error::{body_error, ApiError};
 use crate::analysis::pipeline::Analysis;
 use crate::app::AppState;
+use crate::fhir::OperationOutcome;
 use crate::imaging::MediaType;
 
 /// Query of `POST /v1/analyze`.
@@ -97,12 +98,11 @@ fn analysis_response(analysis: &Analysis) -> Response {
 }
 
 /// A result in the URL.
-#[derive(IntoParams)]
+#[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Path)]
-#[allow(dead_code)]
 pub struct ResultId {
     /// Result id, from the `Location` header of `POST /v1/analyze`.
-    id: String,
+    pub id: String,
 }
 
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {
@@ -118,7 +118,7 @@ fn parse_id(id: &str) -> Result<Uuid, ApiError> {
 )]
 pub async fn result(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Path(ResultId { id }): Path<ResultId>,
     headers: HeaderMap,
 ) -> Result<Json<ResultSummary>, ApiError> {
     let uuid = parse_id(&id)?;
@@ -172,8 +172,8 @@ async fn blob(
     params(ResultId),
     responses((status = 200, description = "FHIR Bundle.", body = crate::api::doc::Bundle, content_type = "application/fhir+json"), (status = 404, response = Problem))
 )]
-pub async fn bundle(s: State<AppState>, id: Path<String>) -> Result<Response, ApiError> {
-    blob(&s, &id, "bundle.json", "application/fhir+json").await
+pub async fn bundle(s: State<AppState>, Path(p): Path<ResultId>) -> Result<Response, ApiError> {
+    blob(&s, &p.id, "bundle.json", "application/fhir+json").await
 }
 
 /// `GET /v1/results/{id}/overlay.png`.
@@ -185,7 +185,7 @@ pub async fn bundle(s: State<AppState>, id: Path<String>) -> Result<Response, Ap
 )]
 pub async fn overlay(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Path(ResultId { id }): Path<ResultId>,
 ) -> Result<Response, ApiError> {
     blob(&state, &id, "overlay.png", "image/png").await
 }
@@ -197,6 +197,6 @@ pub async fn overlay(
     params(ResultId),
     responses((status = 200, description = "PNG image.", body = Binary, content_type = "image/png"), (status = 404, response = Problem))
 )]
-pub async fn input(s: State<AppState>, id: Path<String>) -> Result<Response, ApiError> {
-    blob(&s, &id, "input.png", "image/png").await
+pub async fn input(s: State<AppState>, Path(p): Path<ResultId>) -> Result<Response, ApiError> {
+    blob(&s, &p.id, "input.png", "image/png").await
 }

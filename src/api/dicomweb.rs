@@ -10,6 +10,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde::Deserialize;
 use serde_json::Value;
 
 use super::base_url;
@@ -314,7 +315,7 @@ pub async fn search_series(
 pub async fn search_study_series(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(study): Path<String>,
+    Path(StudyPath { study }): Path<StudyPath>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     series_impl(state, headers, q, Some(study)).await
@@ -350,7 +351,7 @@ pub async fn search_instances(
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    instances_impl(state, headers, q, Vec::new()).await
+    instances_impl(state, headers, q, None).await
 }
 
 /// `GET /dicomweb/studies/{study}/instances`.
@@ -360,12 +361,12 @@ pub async fn search_instances(
     responses((status = 200, description = "DICOM JSON array", body = Vec<serde_json::Value>, content_type = "application/dicom+json"))
 )]
 pub async fn search_study_instances(
-    s: State<AppState>,
-    h: HeaderMap,
-    p: Path<Vec<String>>,
-    q: Query<HashMap<String, String>>,
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(p): Path<StudyPath>,
+    Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    search_scoped_instances(s, h, p, q).await
+    instances_impl(state, headers, q, Some(p.into())).await
 }
 
 /// `GET /dicomweb/studies/{study}/series/{series}/instances`.
@@ -375,36 +376,27 @@ pub async fn search_study_instances(
     responses((status = 200, description = "DICOM JSON array", body = Vec<serde_json::Value>, content_type = "application/dicom+json"))
 )]
 pub async fn search_series_instances(
-    s: State<AppState>,
-    h: HeaderMap,
-    p: Path<Vec<String>>,
-    q: Query<HashMap<String, String>>,
-) -> Result<Response, ApiError> {
-    search_scoped_instances(s, h, p, q).await
-}
-
-/// QIDO-RS instances of a study or a series.
-async fn search_scoped_instances(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(p): Path<Vec<String>>,
+    Path(p): Path<SeriesPath>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    instances_impl(state, headers, q, p).await
+    instances_impl(state, headers, q, Some(p.into())).await
 }
 
+/// QIDO-RS instances, of a study or a series when `scope` names one.
 async fn instances_impl(
     state: AppState,
     headers: HeaderMap,
     q: HashMap<String, String>,
-    p: Vec<String>,
+    scope: Option<Scope>,
 ) -> Result<Response, ApiError> {
     let mut f = qido_query(&q)?;
-    if let Some(s) = p.first() {
-        f.study_uid = Some(s.clone());
-    }
-    if let Some(s) = p.get(1) {
-        f.series_uid = Some(s.clone());
+    if let Some(scope) = scope {
+        f.study_uid = Some(scope.study);
+        if scope.series.is_some() {
+            f.series_uid = scope.series;
+        }
     }
     let base = format!("{}/dicomweb", base_url(&state, &headers));
     let hits = state.store.search_instances(&f).await?;
@@ -416,19 +408,11 @@ async fn instances_impl(
 }
 
 /// The instances a WADO-RS path names (404 when none).
-async fn resolve(state: &AppState, p: &[String]) -> Result<Vec<InstanceIndex>, ApiError> {
-    let f = store::Query {
-        study_uid: p.first().cloned(),
-        series_uid: p.get(1).cloned(),
-        sop_instance_uid: p.get(2).cloned(),
-        limit: 100_000,
-        ..store::Query::default()
-    };
-    let found = state.store.search_instances(&f).await?;
+async fn resolve(state: &AppState, scope: &Scope) -> Result<Vec<InstanceIndex>, ApiError> {
+    let found = state.store.search_instances(&scope.query(100_000)).await?;
     if found.is_empty() {
         return Err(ApiError::not_found(format!(
-            "no stored instance matches {}",
-            p.join("/")
+            "no stored instance matches {scope}"
         )));
     }
     Ok(found)
@@ -470,11 +454,11 @@ fn accepts_dicom(headers: &HeaderMap) -> Result<(), ApiError> {
     )
 )]
 pub async fn retrieve_study(
-    s: State<AppState>,
-    h: HeaderMap,
-    p: Path<Vec<String>>,
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(p): Path<StudyPath>,
 ) -> Result<Response, ApiError> {
-    retrieve(s, h, p).await
+    retrieve(state, headers, p.into()).await
 }
 
 /// `GET /dicomweb/studies/{study}/series/{series}`.
@@ -487,11 +471,11 @@ pub async fn retrieve_study(
     )
 )]
 pub async fn retrieve_series(
-    s: State<AppState>,
-    h: HeaderMap,
-    p: Path<Vec<String>>,
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(p): Path<SeriesPath>,
 ) -> Result<Response, ApiError> {
-    retrieve(s, h, p).await
+    retrieve(state, headers, p.into()).await
 }
 
 /// `GET /dicomweb/studies/{study}/series/{series}/instances/{instance}`.
@@ -505,21 +489,17 @@ pub async fn retrieve_series(
     )
 )]
 pub async fn retrieve_instance(
-    s: State<AppState>,
-    h: HeaderMap,
-    p: Path<Vec<String>>,
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(p): Path<InstancePath>,
 ) -> Result<Response, ApiError> {
-    retrieve(s, h, p).await
+    retrieve(state, headers, p.into()).await
 }
 
 /// WADO-RS retrieve of a study, series or instance: `multipart/related; type="application/dicom"`.
-async fn retrieve(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(p): Path<Vec<String>>,
-) -> Result<Response, ApiError> {
+async fn retrieve(state: AppState, headers: HeaderMap, scope: Scope) -> Result<Response, ApiError> {
     accepts_dicom(&headers)?;
-    let found = resolve(&state, &p).await?;
+    let found = resolve(&state, &scope).await?;
     let boundary = format!("carina-{}", uuid::Uuid::new_v4().simple());
     let mut body = Vec::new();
     for ix in &found {
@@ -556,11 +536,11 @@ async fn retrieve(
     responses((status = 200, description = "DICOM JSON array", body = Vec<serde_json::Value>, content_type = "application/dicom+json"), (status = 404, response = Problem))
 )]
 pub async fn study_metadata(
-    s: State<AppState>,
-    h: HeaderMap,
-    p: Path<Vec<String>>,
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(p): Path<StudyPath>,
 ) -> Result<Response, ApiError> {
-    metadata(s, h, p).await
+    metadata(state, headers, p.into()).await
 }
 
 /// `GET /dicomweb/studies/{study}/series/{series}/metadata`.
@@ -570,11 +550,11 @@ pub async fn study_metadata(
     responses((status = 200, description = "DICOM JSON array", body = Vec<serde_json::Value>, content_type = "application/dicom+json"), (status = 404, response = Problem))
 )]
 pub async fn series_metadata(
-    s: State<AppState>,
-    h: HeaderMap,
-    p: Path<Vec<String>>,
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(p): Path<SeriesPath>,
 ) -> Result<Response, ApiError> {
-    metadata(s, h, p).await
+    metadata(state, headers, p.into()).await
 }
 
 /// `GET /dicomweb/studies/{study}/series/{series}/instances/{instance}/metadata`.
@@ -584,20 +564,16 @@ pub async fn series_metadata(
     responses((status = 200, description = "DICOM JSON array", body = Vec<serde_json::Value>, content_type = "application/dicom+json"), (status = 404, response = Problem))
 )]
 pub async fn instance_metadata(
-    s: State<AppState>,
-    h: HeaderMap,
-    p: Path<Vec<String>>,
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(p): Path<InstancePath>,
 ) -> Result<Response, ApiError> {
-    metadata(s, h, p).await
+    metadata(state, headers, p.into()).await
 }
 
 /// WADO-RS metadata of a study, series or instance (DICOM JSON array).
-async fn metadata(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(p): Path<Vec<String>>,
-) -> Result<Response, ApiError> {
-    let found = resolve(&state, &p).await?;
+async fn metadata(state: AppState, headers: HeaderMap, scope: Scope) -> Result<Response, ApiError> {
+    let found = resolve(&state, &scope).await?;
     let base = format!("{}/dicomweb", base_url(&state, &headers));
     let mut out = Vec::with_capacity(found.len());
     for ix in &found {
@@ -619,16 +595,16 @@ async fn metadata(
     Ok(dicom_json(StatusCode::OK, &Value::Array(out)))
 }
 
-/// Loads one instance named by study/series/instance path parts.
+/// Loads the instance a path names (404 unless it is in that study and series).
 async fn one_instance(
     state: &AppState,
-    p: &[String],
+    p: &InstancePath,
 ) -> Result<(InstanceIndex, Vec<u8>), ApiError> {
     let ix = state
         .store
-        .instance(p.get(2).map_or("", String::as_str))
+        .instance(&p.instance)
         .await?
-        .filter(|ix| Some(&ix.study_uid) == p.first() && Some(&ix.series_uid) == p.get(1))
+        .filter(|ix| ix.study_uid == p.study && ix.series_uid == p.series)
         .ok_or_else(|| ApiError::not_found("no such instance in this study and series"))?;
     let file = state
         .store
@@ -638,73 +614,162 @@ async fn one_instance(
     Ok((ix, file))
 }
 
-/// QIDO-RS query parameters (DICOM attribute keywords; matching per PS3.18 §8.3.4).
+/// QIDO-RS query parameters (DICOM attribute keywords, or their tags as `gggg eeee` hex, e.g.
+/// `0020000D`; matching per PS3.18 §8.3.4). Parsed by `qido_query`; a unit test checks every
+/// one documented here is accepted there.
 #[derive(IntoParams)]
 #[into_params(parameter_in = Query)]
 #[allow(non_snake_case, dead_code)]
 pub struct QidoQuery {
-    /// Exact.
+    /// Exact (tag `0020000D`).
     StudyInstanceUID: Option<String>,
-    /// Exact, `*` and `?` wildcards.
+    /// Exact (tag `0020000E`).
+    SeriesInstanceUID: Option<String>,
+    /// Exact (tag `00080018`).
+    SOPInstanceUID: Option<String>,
+    /// Exact, `*` and `?` wildcards (tag `00100020`).
     PatientID: Option<String>,
-    /// Exact, wildcards.
+    /// Exact, wildcards (tag `00080050`).
     AccessionNumber: Option<String>,
-    /// Exact (ModalitiesInStudy at study level).
+    /// Exact; `ModalitiesInStudy` (`00080061`) is the same at study level (tag `00080060`).
     Modality: Option<String>,
-    /// `YYYYMMDD`, `A-B`, `A-`, `-B`.
+    /// `YYYYMMDD`, `A-B`, `A-`, `-B` (tag `00080020`).
     StudyDate: Option<String>,
     /// Page size, default 100, at most 1000.
     limit: Option<u32>,
     /// Rows skipped.
     offset: Option<u32>,
+    /// Accepted and ignored: every answer carries the same attributes.
+    includefield: Option<String>,
+    /// Accepted and ignored: matching is as described above.
+    fuzzymatching: Option<bool>,
 }
 
 /// A study in the URL.
-#[derive(IntoParams)]
+#[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Path)]
-#[allow(dead_code)]
 pub struct StudyPath {
     /// Study Instance UID.
-    study: String,
+    pub study: String,
 }
 
 /// A series in the URL.
-#[derive(IntoParams)]
+#[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Path)]
-#[allow(dead_code)]
 pub struct SeriesPath {
     /// Study Instance UID.
-    study: String,
+    pub study: String,
     /// Series Instance UID.
-    series: String,
+    pub series: String,
 }
 
 /// An instance in the URL.
-#[derive(IntoParams)]
+#[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Path)]
-#[allow(dead_code)]
 pub struct InstancePath {
     /// Study Instance UID.
-    study: String,
+    pub study: String,
     /// Series Instance UID.
-    series: String,
+    pub series: String,
     /// SOP Instance UID.
-    instance: String,
+    pub instance: String,
 }
 
 /// A frame in the URL.
-#[derive(IntoParams)]
+#[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Path)]
-#[allow(dead_code)]
 pub struct FramePath {
     /// Study Instance UID.
-    study: String,
+    pub study: String,
     /// Series Instance UID.
-    series: String,
+    pub series: String,
     /// SOP Instance UID.
-    instance: String,
-    /// Frame number, from 1.
-    frame: u32,
+    pub instance: String,
+    /// Frame number, from 1 (anything else is a 400 OperationOutcome, not a bare rejection).
+    #[param(value_type = u32, minimum = 1)]
+    pub frame: String,
+}
+
+impl FramePath {
+    /// The instance and the frame number (400 unless it is a number from 1).
+    fn split(self) -> Result<(InstancePath, u32), ApiError> {
+        let frame = self.frame.parse().ok().filter(|n| *n >= 1).ok_or_else(|| {
+            let m = format!("frame numbers start at 1, not '{}'", self.frame);
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid", m)
+        })?;
+        let FramePath {
+            study,
+            series,
+            instance,
+            ..
+        } = self;
+        let p = InstancePath {
+            study,
+            series,
+            instance,
+        };
+        Ok((p, frame))
+    }
+}
+
+/// What a WADO-RS path names: a study, a series of it, or an instance of that series.
+#[derive(Default)]
+struct Scope {
+    study: String,
+    series: Option<String>,
+    instance: Option<String>,
+}
+
+impl From<StudyPath> for Scope {
+    fn from(p: StudyPath) -> Self {
+        Scope {
+            study: p.study,
+            ..Scope::default()
+        }
+    }
+}
+
+impl From<SeriesPath> for Scope {
+    fn from(p: SeriesPath) -> Self {
+        Scope {
+            study: p.study,
+            series: Some(p.series),
+            instance: None,
+        }
+    }
+}
+
+impl From<InstancePath> for Scope {
+    fn from(p: InstancePath) -> Self {
+        Scope {
+            study: p.study,
+            series: Some(p.series),
+            instance: Some(p.instance),
+        }
+    }
+}
+
+impl Scope {
+    /// The store query for the instances in this scope.
+    fn query(&self, limit: i64) -> store::Query {
+        store::Query {
+            study_uid: Some(self.study.clone()),
+            series_uid: self.series.clone(),
+            sop_instance_uid: self.instance.clone(),
+            limit,
+            ..store::Query::default()
+        }
+    }
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.study)?;
+        for part in [&self.series, &self.instance].into_iter().flatten() {
+            write!(f, "/{part}")?;
+        }
+        Ok(())
+    }
 }
 
 /// Rendered query: `quality` (JPEG, 1..=100).
@@ -723,12 +788,12 @@ pub struct RenderedQuery {
     responses((status = 200, description = "image", content(("image/png"), ("image/jpeg"))), (status = 404, response = Problem), (status = 406, response = Problem), (status = 422, response = Problem))
 )]
 pub async fn rendered_instance(
-    s: State<AppState>,
-    h: HeaderMap,
-    p: Path<Vec<String>>,
-    q: Query<RenderedQuery>,
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(p): Path<InstancePath>,
+    Query(q): Query<RenderedQuery>,
 ) -> Result<Response, ApiError> {
-    rendered(s, h, p, q).await
+    rendered(state, headers, p, 1, q).await
 }
 
 /// `GET /dicomweb/studies/{study}/series/{series}/instances/{instance}/frames/{frame}/rendered`.
@@ -738,30 +803,25 @@ pub async fn rendered_instance(
     responses((status = 200, description = "image", content(("image/png"), ("image/jpeg"))), (status = 400, response = Problem), (status = 404, response = Problem), (status = 422, response = Problem))
 )]
 pub async fn rendered_frame(
-    s: State<AppState>,
-    h: HeaderMap,
-    p: Path<Vec<String>>,
-    q: Query<RenderedQuery>,
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(p): Path<FramePath>,
+    Query(q): Query<RenderedQuery>,
 ) -> Result<Response, ApiError> {
-    rendered(s, h, p, q).await
+    let (p, frame) = p.split()?;
+    rendered(state, headers, p, frame, q).await
 }
 
 /// WADO-RS rendered instance (first frame) or frame (`/frames/{n}/rendered`): the 8-bit
 /// picture after Modality LUT, VOI LUT/window, MONOCHROME1 inversion and palette/YBR → RGB,
 /// as image/png (default) or image/jpeg.
 async fn rendered(
-    State(state): State<AppState>,
+    state: AppState,
     headers: HeaderMap,
-    Path(p): Path<Vec<String>>,
-    Query(q): Query<RenderedQuery>,
+    p: InstancePath,
+    frame: u32,
+    q: RenderedQuery,
 ) -> Result<Response, ApiError> {
-    let frame: u32 = match p.get(3) {
-        Some(n) => n.parse().ok().filter(|n| *n >= 1).ok_or_else(|| {
-            let m = "frame numbers start at 1";
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid", m)
-        })?,
-        None => 1,
-    };
     let jpeg = rendered_as_jpeg(&headers)?;
     let (_, file) = one_instance(&state, &p).await?;
     let quality = q.quality.unwrap_or(90).clamp(1, 100);
@@ -855,7 +915,7 @@ pub async fn instance_status(
 )]
 pub async fn study_status(
     State(state): State<AppState>,
-    Path(study): Path<String>,
+    Path(StudyPath { study }): Path<StudyPath>,
 ) -> Result<Json<Value>, ApiError> {
     let all = state.store.study_status(&study).await?;
     if all.is_empty() {
@@ -902,4 +962,77 @@ pub async fn exports(
     Ok(Json(
         serde_json::to_value(rows).map_err(ApiError::internal)?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(key: &str, value: &str) -> Result<store::Query, ApiError> {
+        qido_query(&HashMap::from([(key.to_string(), value.to_string())]))
+    }
+
+    /// The documented QIDO parameters (`QidoQuery`) are the ones `qido_query` accepts, by
+    /// keyword and by the tag each one's description names.
+    #[test]
+    fn every_documented_qido_parameter_is_accepted() {
+        let params = QidoQuery::into_params(|| None);
+        assert_eq!(params.len(), 11);
+        for p in &params {
+            let value = match p.name.as_str() {
+                "limit" | "offset" => "5",
+                "StudyDate" => "20200101-20201231",
+                "fuzzymatching" => "true",
+                _ => "1.2.3",
+            };
+            assert!(one(&p.name, value).is_ok(), "{} refused", p.name);
+            let doc = p.description.clone().unwrap_or_default();
+            for tag in doc
+                .split('`')
+                .filter(|t| t.len() == 8 && t.bytes().all(|b| b.is_ascii_hexdigit()))
+            {
+                assert!(one(tag, value).is_ok(), "tag {tag} of {} refused", p.name);
+            }
+        }
+        assert_eq!(
+            one("PatientID", "P1")
+                .map(|q| q.patient_id)
+                .ok()
+                .flatten()
+                .as_deref(),
+            Some("P1")
+        );
+        assert_eq!(
+            one("00080061", "CR")
+                .map(|q| q.modality)
+                .ok()
+                .flatten()
+                .as_deref(),
+            Some("CR")
+        );
+        assert!(
+            one("PatientName", "X").is_err(),
+            "an undocumented key must be refused"
+        );
+        assert!(one("limit", "-1").is_err());
+        assert!(one("StudyDate", "2020").is_err());
+    }
+
+    #[test]
+    fn frame_paths_need_a_number_from_one() {
+        let path = |f: &str| FramePath {
+            study: "1".into(),
+            series: "2".into(),
+            instance: "3".into(),
+            frame: f.into(),
+        };
+        assert_eq!(
+            path("2").split().map(|(p, n)| (p.instance, n)).ok(),
+            Some(("3".into(), 2))
+        );
+        for bad in ["0", "x", "-1", ""] {
+            let e = path(bad).split().err().map(|e| e.status);
+            assert_eq!(e, Some(StatusCode::BAD_REQUEST), "frame '{bad}'");
+        }
+    }
 }

@@ -14,6 +14,7 @@ use utoipa::openapi::RefOr;
 use utoipa::{Modify, OpenApi, ToResponse, ToSchema};
 
 use super::error::LegacyDetail;
+use crate::fhir::OperationOutcome;
 
 /// Document-wide parts of the OpenAPI document; the paths are added by [`super::routes`].
 #[derive(OpenApi)]
@@ -89,32 +90,10 @@ impl utoipa::PartialSchema for Binary {
 
 impl ToSchema for Binary {}
 
-/// FHIR R4 OperationOutcome, answered for every error on the FHIR and `/v1` paths.
-#[derive(Serialize, ToSchema)]
-#[schema(example = json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "not-supported", "diagnostics": "unsupported media type: text/plain"}]}))]
-#[serde(rename_all = "camelCase")]
-pub struct OperationOutcome {
-    /// Always `OperationOutcome`.
-    resource_type: String,
-    /// At least one issue.
-    issue: Vec<Issue>,
-}
-
 /// An error: a FHIR OperationOutcome saying what is wrong (FHIR issue-type code and diagnostics).
 #[derive(ToResponse)]
 #[response(content_type = "application/fhir+json")]
 pub struct Problem(pub OperationOutcome);
-
-/// One issue of an [`OperationOutcome`].
-#[derive(Serialize, ToSchema)]
-pub struct Issue {
-    /// `fatal`, `error`, `warning` or `information`.
-    severity: String,
-    /// FHIR issue-type code, e.g. `too-long`, `not-supported`, `invalid`, `not-found`, `exception`.
-    code: String,
-    /// Human-readable explanation.
-    diagnostics: Option<String>,
-}
 
 /// FHIR R4 Bundle. From `POST /v1/analyze`: type `collection` with a DiagnosticReport, one
 /// Observation per class probability, a Media resource with the Grad-CAM overlay PNG, the

@@ -7,6 +7,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Extension, Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
 use serde_json::Value;
 
 use super::base_url;
@@ -43,23 +44,33 @@ enum Return {
 }
 
 /// A resource type in the URL.
-#[derive(IntoParams)]
+#[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Path)]
-#[allow(dead_code)]
 pub struct TypePath {
     /// A FHIR R4 resource type, e.g. `Patient` (see `/fhir/metadata`).
-    r#type: String,
+    pub r#type: String,
 }
 
 /// A resource in the URL.
-#[derive(IntoParams)]
+#[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Path)]
-#[allow(dead_code)]
 pub struct ResourcePath {
     /// A FHIR R4 resource type, e.g. `Patient`.
-    r#type: String,
+    pub r#type: String,
     /// The resource's logical id.
-    id: String,
+    pub id: String,
+}
+
+/// A version of a resource in the URL.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct VersionPath {
+    /// A FHIR R4 resource type, e.g. `Patient`.
+    pub r#type: String,
+    /// The resource's logical id.
+    pub id: String,
+    /// The version id (`meta.versionId`, from 1).
+    pub vid: String,
 }
 
 fn prefer(headers: &HeaderMap) -> (Return, bool) {
@@ -419,7 +430,9 @@ fn bundle_answer(
 pub async fn create(
     State(state): State<AppState>,
     Extension(access): Extension<Access>,
-    Path(resource_type): Path<String>,
+    Path(TypePath {
+        r#type: resource_type,
+    }): Path<TypePath>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -501,7 +514,10 @@ fn if_match(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
 pub async fn update(
     State(state): State<AppState>,
     Extension(access): Extension<Access>,
-    Path((resource_type, id)): Path<(String, String)>,
+    Path(ResourcePath {
+        r#type: resource_type,
+        id,
+    }): Path<ResourcePath>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -537,7 +553,10 @@ async fn replaces_own(state: &AppState, t: &str, id: &str, patient: &str) -> Res
 pub async fn read(
     State(state): State<AppState>,
     Extension(access): Extension<Access>,
-    Path((resource_type, id)): Path<(String, String)>,
+    Path(ResourcePath {
+        r#type: resource_type,
+        id,
+    }): Path<ResourcePath>,
 ) -> Result<Response, ApiError> {
     let grant = access.fhir(&resource_type, Interaction::Read)?;
     let s = rest::read(&state.store, &resource_type, &id, None).await?;
@@ -551,13 +570,17 @@ pub async fn read(
 #[utoipa::path(get, path = "/fhir/{type}/{id}/_history/{vid}", tag = "FHIR R4",
     summary = "Vread",
     description = "One version.",
-    params(("type" = String, Path), ("id" = String, Path), ("vid" = String, Path)),
+    params(VersionPath),
     responses((status = 200, description = "FHIR resource or Bundle", content_type = "application/fhir+json"), (status = 400, response = Problem), (status = 404, response = Problem))
 )]
 pub async fn vread(
     State(state): State<AppState>,
     Extension(access): Extension<Access>,
-    Path((resource_type, id, vid)): Path<(String, String, String)>,
+    Path(VersionPath {
+        r#type: resource_type,
+        id,
+        vid,
+    }): Path<VersionPath>,
 ) -> Result<Response, ApiError> {
     let grant = access.fhir(&resource_type, Interaction::Read)?;
     let s = rest::read(&state.store, &resource_type, &id, Some(&vid)).await?;
@@ -577,7 +600,9 @@ pub async fn vread(
 pub async fn search(
     State(state): State<AppState>,
     Extension(access): Extension<Access>,
-    Path(resource_type): Path<String>,
+    Path(TypePath {
+        r#type: resource_type,
+    }): Path<TypePath>,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {

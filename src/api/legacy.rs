@@ -10,7 +10,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Form, Json};
 use base64::Engine as _;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
@@ -274,12 +274,11 @@ impl LegacyHeatmapPrediction {
 }
 
 /// A file under `/static/...` in the URL.
-#[derive(IntoParams)]
+#[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Path)]
-#[allow(dead_code)]
 pub struct LegacyFile {
     /// File name, e.g. `<id>.png`.
-    file: String,
+    pub file: String,
 }
 
 fn id_in(file: &str) -> Option<Uuid> {
@@ -312,7 +311,7 @@ async fn legacy_blob(
 )]
 pub async fn source_image(
     State(state): State<AppState>,
-    Path(file): Path<String>,
+    Path(LegacyFile { file }): Path<LegacyFile>,
 ) -> Result<Response, LegacyError> {
     legacy_blob(&state, &file, "input.png").await
 }
@@ -323,8 +322,11 @@ pub async fn source_image(
     description = "PNG referenced by the legacy heatmap (`Output_Heatmap`) URL.",
     params(LegacyFile),
     responses((status = 200, description = "PNG image.", body = Binary, content_type = "image/png"), (status = 404, response = LegacyProblem)))]
-pub async fn result_image(s: State<AppState>, file: Path<String>) -> Result<Response, LegacyError> {
-    legacy_blob(&s, &file, "overlay.png").await
+pub async fn result_image(
+    s: State<AppState>,
+    Path(p): Path<LegacyFile>,
+) -> Result<Response, LegacyError> {
+    legacy_blob(&s, &p.file, "overlay.png").await
 }
 
 #[cfg(test)]

@@ -10,9 +10,10 @@ use axum::Json;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use super::doc::{Binary, OperationOutcome};
+use super::doc::Binary;
 use super::error::ApiError;
 use crate::app::AppState;
+use crate::fhir::OperationOutcome;
 use crate::inference::ModelInfo;
 
 /// `GET /healthz`: the process answers.

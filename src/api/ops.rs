@@ -11,9 +11,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use tracing::Instrument;
 
-use super::doc::OperationOutcome;
 use super::error::ApiError;
 use crate::app::AppState;
+use crate::fhir::OperationOutcome;
 use crate::metrics;
 use crate::store::{JobKind, JobState};
 

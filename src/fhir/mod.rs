@@ -94,8 +94,38 @@ impl FhirError {
 
 /// An OperationOutcome with one issue.
 pub fn outcome(severity: &str, code: &str, diagnostics: &str) -> serde_json::Value {
-    serde_json::json!({
-        "resourceType": "OperationOutcome",
-        "issue": [{"severity": severity, "code": code, "diagnostics": diagnostics}]
-    })
+    let one = OperationOutcome {
+        resource_type: "OperationOutcome",
+        issue: vec![Issue {
+            severity: severity.to_string(),
+            code: code.to_string(),
+            diagnostics: Some(diagnostics.to_string()),
+        }],
+    };
+    serde_json::to_value(one).unwrap_or(serde_json::Value::Null)
+}
+
+/// FHIR R4 OperationOutcome as Carina writes it: every error on the FHIR and `/v1` paths, and
+/// warnings inside Bundles. Its schema in the OpenAPI document is derived from this type.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[schema(example = json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "not-supported", "diagnostics": "unsupported media type: text/plain"}]}))]
+#[serde(rename_all = "camelCase")]
+pub struct OperationOutcome {
+    /// Always `OperationOutcome`.
+    #[schema(value_type = String)]
+    pub resource_type: &'static str,
+    /// At least one issue.
+    pub issue: Vec<Issue>,
+}
+
+/// One issue of an [`OperationOutcome`].
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Issue {
+    /// `fatal`, `error`, `warning` or `information`.
+    pub severity: String,
+    /// FHIR issue-type code, e.g. `too-long`, `not-supported`, `invalid`, `not-found`, `exception`.
+    pub code: String,
+    /// Human-readable explanation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub diagnostics: Option<String>,
 }

@@ -15,7 +15,6 @@ use tokio::sync::Notify;
 
 use crate::analysis::pipeline::Analysis;
 use crate::analysis::{Analyser, ProcessError};
-use crate::inference::Registry;
 use crate::ingest::{Accepted, Ingest};
 use crate::outbound::Outbound;
 use crate::risk::RiskService;
@@ -122,7 +121,6 @@ pub struct Jobs {
     analyser: Analyser,
     risk: Option<Arc<RiskService>>,
     outbound: Outbound,
-    models: Arc<Registry>,
     settings: Arc<JobSettings>,
     wake: Arc<Notify>,
 }
@@ -132,7 +130,6 @@ impl Jobs {
     /// loaded) and `outbound` (WADO-RS fetches). `ingest` shares the wake-up and settings.
     pub fn new(
         store: Store,
-        models: Arc<Registry>,
         ingest: Ingest,
         analyser: Analyser,
         risk: Option<Arc<RiskService>>,
@@ -140,7 +137,6 @@ impl Jobs {
         settings: JobSettings,
     ) -> Self {
         Self {
-            models,
             analyser,
             settings: Arc::new(settings),
             wake: ingest.wake(),

@@ -331,7 +331,7 @@ async fn analyse_attached(
         let accepted = jobs.ingest.receive_claimed(bytes, Source::Api).await?;
         jobs.analyse_claimed(&accepted, None).await?
     } else {
-        let model = jobs.models.image_model(None).ok_or(StudyError::NoModel)?;
+        let model = jobs.analyser.image_model(None).ok_or(StudyError::NoModel)?;
         let a = crate::analysis::pipeline::analyse(model.clone(), bytes, media, |_| None).await?;
         jobs.store.save_analysis(&a.record(), "fhir").await?;
         a
