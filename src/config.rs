@@ -28,6 +28,9 @@ pub struct Settings {
     pub sessions_per_model: usize,
     /// Largest batch formed from concurrent requests.
     pub max_batch: usize,
+    /// Images whose pixel work (decode, resize, overlay, PNG) runs at once (0 = one per core);
+    /// the rest wait their turn instead of taking the cores from inference.
+    pub cpu_workers: usize,
     /// Explicit `libonnxruntime.so` path (else found automatically).
     pub onnxruntime: Option<PathBuf>,
     /// Largest accepted request body, in MiB.
@@ -208,6 +211,7 @@ impl Default for Settings {
             intra_threads: 0,
             sessions_per_model: 0,
             max_batch: 4,
+            cpu_workers: 0,
             onnxruntime: None,
             max_body_mb: 64,
             fhir_max_body_mb: 32,
@@ -319,6 +323,9 @@ impl Settings {
         }
         if let Some(v) = get("CARINA_MAX_BATCH") {
             self.max_batch = parse("CARINA_MAX_BATCH", &v)?;
+        }
+        if let Some(v) = get("CARINA_CPU_WORKERS") {
+            self.cpu_workers = parse("CARINA_CPU_WORKERS", &v)?;
         }
         if let Some(v) = get("CARINA_ONNXRUNTIME") {
             self.onnxruntime = Some(v.into());
@@ -450,6 +457,14 @@ mod tests {
             .unwrap();
         assert_eq!(s.max_batch, 8);
         assert_eq!(s.http.port(), 9000);
+        assert_eq!(s.cpu_workers, 0, "one per core unless set");
+        s.apply_env(|k| (k == "CARINA_CPU_WORKERS").then(|| "3".to_string()))
+            .unwrap();
+        assert_eq!(s.cpu_workers, 3);
+        let e = s
+            .apply_env(|k| (k == "CARINA_CPU_WORKERS").then(|| "many".to_string()))
+            .unwrap_err();
+        assert!(e.to_string().contains("CARINA_CPU_WORKERS"));
         let e = s
             .apply_env(|k| (k == "CARINA_EXECUTION_PROVIDER").then(|| "tpu".to_string()))
             .unwrap_err();

@@ -123,9 +123,11 @@ async fn analyze_jpeg_returns_a_stored_fhir_bundle_with_heatmap() {
     assert_eq!(served, png, "served overlay equals the inlined one");
     let (_, _, stored) = send(&app, get(&format!("{location}/bundle"))).await;
     assert_eq!(serde_json::from_slice::<Value>(&stored).unwrap(), bundle);
-    let (status, _, input) = send(&app, get(&format!("{location}/input.png"))).await;
+    // the input is kept as uploaded: the same JPEG bytes, served as JPEG
+    let (status, headers, input) = send(&app, get(&format!("{location}/input.png"))).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(image::load_from_memory(&input).unwrap().width(), 512);
+    assert_eq!(headers[header::CONTENT_TYPE], "image/jpeg");
+    assert_eq!(input, sample(COVID_JPG), "the upload, not a re-encoding");
 }
 
 #[tokio::test]
@@ -304,18 +306,29 @@ async fn legacy_api_is_drop_in() {
         .as_str()
         .unwrap()
         .starts_with("Covid-19 "));
-    for key in ["Input_Image", "Output_Heatmap"] {
+    // the input is served as it was uploaded (a JPEG here), the heatmap as PNG
+    for (key, media) in [
+        ("Input_Image", "image/jpeg"),
+        ("Output_Heatmap", "image/png"),
+    ] {
         let url = v[key].as_str().unwrap();
         let path = url
             .strip_prefix("http://carina.test")
             .expect("absolute URL on the request's host");
-        let (s, h, png) = send(&app, get(path)).await;
+        let (s, h, file) = send(&app, get(path)).await;
         assert_eq!(
             (s, h[header::CONTENT_TYPE].to_str().unwrap()),
-            (StatusCode::OK, "image/png"),
+            (StatusCode::OK, media),
             "{key}"
         );
-        assert_eq!(image::load_from_memory(&png).unwrap().width(), 512);
+        assert_eq!(image::load_from_memory(&file).unwrap().width(), 512);
+        if key == "Input_Image" {
+            assert_eq!(
+                file,
+                sample(COVID_JPG),
+                "the upload itself, not a re-encoding"
+            );
+        }
     }
 
     for bad in [&b"b64=%%%"[..], b"b64=bm90IGFuIGltYWdl", b"other=1"] {

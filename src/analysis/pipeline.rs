@@ -1,8 +1,10 @@
 //! The image analysis use case, shared by `carina predict` and the HTTP routes:
 //! decode → preprocess → infer (batched engine) → Grad-CAM → overlay PNG → FHIR bundle.
 //! CPU stages run on the blocking pool; each stage's duration is recorded for `Server-Timing`.
+//! An uploaded PNG or JPEG is kept as it came (never re-encoded); only a DICOM frame is encoded
+//! to PNG for viewing.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
@@ -31,8 +33,9 @@ pub struct Analysis {
     pub model: Arc<ImageModel>,
     /// Probabilities, winner, input tensor, map.
     pub prediction: Prediction,
-    /// The decoded original as PNG.
-    pub input_png: Vec<u8>,
+    /// The input as an image file: the uploaded PNG or JPEG bytes themselves, or a PNG of the
+    /// decoded DICOM frame.
+    pub input_image: bytes::Bytes,
     /// The overlay PNG, when a map was made.
     pub overlay_png: Option<Vec<u8>>,
     /// The overlay's pixels (for a DICOM result made from it: never decoded back from PNG).
@@ -74,7 +77,7 @@ impl Analysis {
             probabilities: serde_json::Value::Object(self.probabilities_json()),
             cam_method: self.cam_method().as_str(),
             bundle: &self.bundle,
-            input_png: &self.input_png,
+            input_image: &self.input_image,
             overlay_png: self.overlay_png.as_deref(),
         }
     }
@@ -121,6 +124,35 @@ pub enum AnalyseError {
     Task(String),
 }
 
+/// Permits for CPU pixel work (decode, preprocess, overlay, encode) across the process.
+static CPU_WORK: OnceLock<tokio::sync::Semaphore> = OnceLock::new();
+
+/// Sizes the pool of CPU pixel work: at most `workers` images are decoded, resized or drawn at
+/// once (0 = one per core), so that pixel work queues instead of taking the cores from the
+/// inference sessions. Takes effect once, before the first analysis; later calls are ignored.
+pub fn limit_cpu_work(workers: usize) {
+    let n = if workers > 0 {
+        workers
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    };
+    let _ = CPU_WORK.set(tokio::sync::Semaphore::new(n));
+}
+
+/// Runs CPU pixel work `f` on the blocking pool under a permit of [`limit_cpu_work`]'s pool.
+async fn cpu<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, AnalyseError> {
+    let pool = CPU_WORK.get_or_init(|| {
+        tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(1, |n| n.get()))
+    });
+    let _permit = pool
+        .acquire()
+        .await
+        .map_err(|e| AnalyseError::Task(e.to_string()))?;
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AnalyseError::Task(e.to_string()))
+}
+
 fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
@@ -155,9 +187,7 @@ async fn prepare_off_runtime(
     media: MediaType,
     frame: u32,
 ) -> Result<(DecodedImage, InputTensor, Timings), AnalyseError> {
-    tokio::task::spawn_blocking(move || prepare(&model, &bytes, media, frame))
-        .await
-        .map_err(|e| AnalyseError::Task(e.to_string()))?
+    cpu(move || prepare(&model, &bytes, media, frame)).await?
 }
 
 /// Runs the whole pipeline on `bytes`. `overlay_url` maps the analysis id to the URL where the
@@ -188,17 +218,18 @@ pub async fn analyse_with(
     overlay_url: impl Fn(&Uuid) -> Option<String> + Send + 'static,
 ) -> Result<Analysis, AnalyseError> {
     let t0 = Instant::now();
+    let original = (media != MediaType::Dicom).then(|| bytes.clone());
     let (decoded, input, mut timings) =
         prepare_off_runtime(model.clone(), bytes, media, frame).await?;
     let t = Instant::now();
     let outputs = model.infer(&input).await?;
     timings.push(("infer", ms(t)));
     let m = model.clone();
-    let mut analysis = tokio::task::spawn_blocking(move || {
+    let mut analysis = cpu(move || {
         finish(
             id,
             m,
-            decoded.image,
+            (decoded.image, original),
             decoded.dicom,
             input,
             &outputs,
@@ -206,8 +237,7 @@ pub async fn analyse_with(
             timings,
         )
     })
-    .await
-    .map_err(|e| AnalyseError::Task(e.to_string()))??;
+    .await??;
     analysis.timings.push(("total", ms(t0)));
     Ok(analysis)
 }
@@ -245,10 +275,11 @@ pub fn analyse_blocking(
     let t0 = Instant::now();
     let (decoded, input, timings) = prepare(model, bytes, media, 0)?;
     let outputs = model.infer_blocking(&input)?;
+    let original = (media != MediaType::Dicom).then(|| bytes::Bytes::copy_from_slice(bytes));
     let mut a = finish(
         Uuid::new_v4(),
         model.clone(),
-        decoded.image,
+        (decoded.image, original),
         decoded.dicom,
         input,
         &outputs,
@@ -263,7 +294,7 @@ pub fn analyse_blocking(
 fn finish(
     id: Uuid,
     model: Arc<ImageModel>,
-    image: DynamicImage,
+    (image, original): (DynamicImage, Option<bytes::Bytes>),
     dicom: Option<DicomMeta>,
     input: crate::inference::preprocess::InputTensor,
     outputs: &crate::inference::engine::Outputs,
@@ -278,8 +309,8 @@ fn finish(
     let t = Instant::now();
     let (overlay_png, overlay_rgb) = match &prediction.cam {
         Some(cam) => {
-            let heat = overlay::upsample(cam, &geometry, image.width(), image.height());
-            let blended = DynamicImage::ImageRgb8(overlay::blend(&image, &heat, OVERLAY_ALPHA));
+            let blended =
+                DynamicImage::ImageRgb8(overlay::render(cam, &geometry, &image, OVERLAY_ALPHA));
             let png =
                 overlay::encode_png(&blended).map_err(|e| AnalyseError::Task(e.to_string()))?;
             (Some(png), Some(blended.into_rgb8()))
@@ -287,9 +318,15 @@ fn finish(
         None => (None, None),
     };
     timings.push(("overlay", ms(t)));
-    let t = Instant::now();
-    let input_png = overlay::encode_png(&image).map_err(|e| AnalyseError::Task(e.to_string()))?;
-    timings.push(("input_png", ms(t)));
+    let input_image = match original {
+        Some(file) => file,
+        None => {
+            let t = Instant::now();
+            let png = overlay::encode_png(&image).map_err(|e| AnalyseError::Task(e.to_string()))?;
+            timings.push(("input_png", ms(t)));
+            bytes::Bytes::from(png)
+        }
+    };
     let t = Instant::now();
     let created = Utc::now();
     let method = prediction
@@ -314,7 +351,7 @@ fn finish(
         created,
         model,
         prediction,
-        input_png,
+        input_image,
         overlay_png,
         overlay: overlay_rgb,
         bundle,

@@ -162,6 +162,8 @@ async fn blob(
         .analysis_blob(&uuid, name)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no {name} for result '{id}'")))?;
+    // the input is kept as uploaded (PNG or JPEG): its bytes say which
+    let content_type = MediaType::sniff(&data).map_or(content_type, MediaType::as_str);
     Ok(([(header::CONTENT_TYPE, content_type)], data).into_response())
 }
 
@@ -192,10 +194,10 @@ pub async fn overlay(
 
 /// `GET /v1/results/{id}/input.png`.
 #[utoipa::path(get, path = "/v1/results/{id}/input.png", tag = "analysis", operation_id = "getResultInput",
-    summary = "Decoded input image",
-    description = "The decoded original image as 8-bit PNG.",
+    summary = "Input image",
+    description = "The analysed image: an uploaded PNG or JPEG as it was sent (Content-Type says which), or an 8-bit PNG of the analysed DICOM frame.",
     params(ResultId),
-    responses((status = 200, description = "PNG image.", body = Binary, content_type = "image/png"), (status = 404, response = Problem))
+    responses((status = 200, description = "The image as uploaded, or PNG.", content((Binary = "image/png"), (Binary = "image/jpeg"))), (status = 404, response = Problem))
 )]
 pub async fn input(s: State<AppState>, Path(p): Path<ResultId>) -> Result<Response, ApiError> {
     blob(&s, &p.id, "input.png", "image/png").await

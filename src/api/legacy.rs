@@ -108,12 +108,11 @@ async fn b64_field(req: Request) -> Result<Bytes, LegacyError> {
             LegacyError(StatusCode::BAD_REQUEST, "missing form field 'b64'".into())
         })?
     } else {
-        let Form(map) = Form::<HashMap<String, String>>::from_request(req, &())
+        let Form(mut map) = Form::<HashMap<String, String>>::from_request(req, &())
             .await
             .map_err(|e| LegacyError(e.status(), e.body_text()))?;
-        map.get("b64")
+        map.remove("b64")
             .ok_or_else(|| LegacyError(StatusCode::BAD_REQUEST, "missing form field 'b64'".into()))?
-            .clone()
             .into_bytes()
     };
     decode_b64(&text).map(Bytes::from).ok_or_else(|| {
@@ -126,11 +125,16 @@ async fn b64_field(req: Request) -> Result<Bytes, LegacyError> {
 
 /// Lenient base64: whitespace ignored, padding optional, standard or URL-safe alphabet.
 pub fn decode_b64(text: &[u8]) -> Option<Vec<u8>> {
-    let clean: Vec<u8> = text
-        .iter()
-        .copied()
-        .filter(|c| !c.is_ascii_whitespace())
-        .collect();
+    // the copy without whitespace only when there is some (a radiograph is ~1 MB of text)
+    let clean: std::borrow::Cow<'_, [u8]> = if text.iter().any(u8::is_ascii_whitespace) {
+        text.iter()
+            .copied()
+            .filter(|c| !c.is_ascii_whitespace())
+            .collect::<Vec<u8>>()
+            .into()
+    } else {
+        text.into()
+    };
     if clean.is_empty() {
         return None;
     }
@@ -299,15 +303,17 @@ async fn legacy_blob(
         .await
         .map_err(|e| LegacyError::from(ApiError::from(e)))?
         .ok_or_else(not_found)?;
-    Ok(([(header::CONTENT_TYPE, "image/png")], data).into_response())
+    // the input is kept as uploaded (PNG or JPEG): its bytes say which
+    let content_type = MediaType::sniff(&data).map_or("image/png", MediaType::as_str);
+    Ok(([(header::CONTENT_TYPE, content_type)], data).into_response())
 }
 
-/// `GET /static/source/{file}`: the decoded input of a heatmap request.
+/// `GET /static/source/{file}`: the input of a heatmap request, as uploaded.
 #[utoipa::path(get, path = "/static/source/{file}", tag = "legacy covid19 demo", operation_id = "legacyStaticSource",
     summary = "Legacy input image",
-    description = "PNG referenced by the legacy input image (`Input_Image`) URL.",
+    description = "The image the legacy input image (`Input_Image`) URL names, as it was uploaded (PNG or JPEG; Content-Type says which).",
     params(LegacyFile),
-    responses((status = 200, description = "PNG image.", body = Binary, content_type = "image/png"), (status = 404, response = LegacyProblem))
+    responses((status = 200, description = "The image as uploaded.", content((Binary = "image/png"), (Binary = "image/jpeg"))), (status = 404, response = LegacyProblem))
 )]
 pub async fn source_image(
     State(state): State<AppState>,

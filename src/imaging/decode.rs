@@ -38,6 +38,15 @@ impl MediaType {
         }
     }
 
+    /// The media type's name, e.g. `image/png`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Png => "image/png",
+            Self::Jpeg => "image/jpeg",
+            Self::Dicom => "application/dicom",
+        }
+    }
+
     /// Guesses from the first bytes (for the legacy API and the CLI, which get no media type).
     pub fn sniff(bytes: &[u8]) -> Option<Self> {
         if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {

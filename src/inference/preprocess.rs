@@ -1,8 +1,14 @@
 //! Image → model input tensor, following the manifest: colour conversion, letterbox or stretch
-//! resize, `(v * scale - mean) / std`. Also returns the geometry that maps input coordinates
-//! back to the original image, so a heatmap lands on the pixels it explains.
+//! resize (SIMD, `fast_image_resize`), `(v * scale - mean) / std` through lookup tables. Also
+//! returns the geometry that maps input coordinates back to the original image, so a heatmap
+//! lands on the pixels it explains. A gray X-ray is resized once even for an RGB model.
 
-use image::{imageops, DynamicImage, GrayImage, ImageBuffer, Luma, Rgb, RgbImage};
+use std::borrow::Cow;
+use std::cell::RefCell;
+
+use fast_image_resize::images::{Image, ImageRef};
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use image::{DynamicImage, GrayImage, RgbImage};
 
 use super::manifest::{Colour, ImageInput, Layout, Resize};
 
@@ -37,49 +43,158 @@ pub struct InputTensor {
 /// Converts to 8-bit gray with ITU-R 601-2 luma (what PIL's `convert("L")`, used in training,
 /// does).
 pub fn to_gray(img: &DynamicImage) -> GrayImage {
+    gray_of(img).into_owned()
+}
+
+/// The 8-bit gray rendering of `img`, borrowed when it already is 8-bit gray (X-rays mostly
+/// are: no full-size copy then).
+pub fn gray_of(img: &DynamicImage) -> Cow<'_, GrayImage> {
     match img {
-        DynamicImage::ImageLuma8(g) => g.clone(),
-        other => {
-            let rgb = other.to_rgb8();
-            ImageBuffer::from_fn(rgb.width(), rgb.height(), |x, y| {
-                let [r, g, b] = rgb.get_pixel(x, y).0;
-                let l = (u32::from(r) * 299 + u32::from(g) * 587 + u32::from(b) * 114 + 500) / 1000;
-                Luma([l as u8])
-            })
-        }
+        DynamicImage::ImageLuma8(g) => Cow::Borrowed(g),
+        DynamicImage::ImageRgb8(rgb) => Cow::Owned(luma_of_rgb(rgb)),
+        other => Cow::Owned(luma_of_rgb(&other.to_rgb8())),
     }
 }
 
-/// Builds the model input for `img`.
+fn luma_of_rgb(rgb: &RgbImage) -> GrayImage {
+    let luma = rgb
+        .as_raw()
+        .chunks_exact(3)
+        .map(|p| {
+            let [r, g, b] = [p[0], p[1], p[2]].map(u32::from);
+            ((r * 299 + g * 587 + b * 114 + 500) / 1000) as u8
+        })
+        .collect();
+    GrayImage::from_raw(rgb.width(), rgb.height(), luma).unwrap_or_default()
+}
+
+/// 8-bit pixels the resizer reads: 1 (gray) or 3 (RGB) interleaved channels.
+struct Pixels<'a> {
+    data: Cow<'a, [u8]>,
+    width: u32,
+    height: u32,
+    channels: usize,
+}
+
+/// The pixels the model input is made from: gray stays one channel even for an RGB model
+/// (it is resized once and copied to the three planes), colour stays RGB.
+fn source_pixels(img: &DynamicImage, colour: Colour) -> Pixels<'_> {
+    let (width, height) = (img.width(), img.height());
+    let gray_source = matches!(
+        img,
+        DynamicImage::ImageLuma8(_) | DynamicImage::ImageLuma16(_) | DynamicImage::ImageLumaA8(_)
+    );
+    if colour == Colour::Grayscale || gray_source {
+        let data = match gray_of(img) {
+            Cow::Borrowed(g) => Cow::Borrowed(g.as_raw().as_slice()),
+            Cow::Owned(g) => Cow::Owned(g.into_raw()),
+        };
+        return Pixels {
+            data,
+            width,
+            height,
+            channels: 1,
+        };
+    }
+    let data = match img {
+        DynamicImage::ImageRgb8(rgb) => Cow::Borrowed(rgb.as_raw().as_slice()),
+        other => Cow::Owned(other.to_rgb8().into_raw()),
+    };
+    Pixels {
+        data,
+        width,
+        height,
+        channels: 3,
+    }
+}
+
+thread_local! {
+    /// One resizer per thread: it keeps its scratch buffers between calls.
+    static RESIZER: RefCell<Resizer> = RefCell::new(Resizer::new());
+}
+
+/// Resizes `src` to `w` x `h` with the SIMD convolution resizer, bilinear filter (antialiased
+/// when shrinking, like PIL's `BILINEAR` and `image`'s `Triangle`).
+fn resize(src: &Pixels<'_>, w: u32, h: u32) -> Vec<u8> {
+    let pixel_type = if src.channels == 3 {
+        PixelType::U8x3
+    } else {
+        PixelType::U8
+    };
+    let fallback = || vec![0u8; w as usize * h as usize * src.channels];
+    let Ok(from) = ImageRef::new(src.width, src.height, &src.data, pixel_type) else {
+        return fallback();
+    };
+    let mut to = Image::new(w, h, pixel_type);
+    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+    let done = RESIZER.with(|r| r.borrow_mut().resize(&from, &mut to, &options));
+    match done {
+        Ok(()) => to.into_vec(),
+        Err(_) => fallback(),
+    }
+}
+
+/// Where the content goes in the input: all of it (stretch) or centred at the aspect ratio
+/// (letterbox).
+fn placement(iw: u32, ih: u32, w: u32, h: u32, resize: Resize) -> Geometry {
+    let (content_w, content_h) = match resize {
+        Resize::Stretch => (w, h),
+        Resize::Letterbox => {
+            let s = (f64::from(w) / f64::from(iw)).min(f64::from(h) / f64::from(ih));
+            let nw = ((f64::from(iw) * s).round() as u32).clamp(1, w);
+            let nh = ((f64::from(ih) * s).round() as u32).clamp(1, h);
+            (nw, nh)
+        }
+    };
+    Geometry {
+        input_w: w,
+        input_h: h,
+        left: (w - content_w) / 2,
+        top: (h - content_h) / 2,
+        content_w,
+        content_h,
+    }
+}
+
+/// Builds the model input for `img`: one resize of the 8-bit pixels, then every value through
+/// a 256-entry table per channel (`(v * scale - mean) / std`), padding included.
 pub fn preprocess(img: &DynamicImage, spec: &ImageInput) -> InputTensor {
     let (h, w) = spec.size();
     let channels = spec.channels();
-    let (geometry, planes): (Geometry, Vec<Vec<u8>>) = match spec.colour {
-        Colour::Grayscale => {
-            let (g, geo) = fit(&to_gray(img), w, h, spec.resize, Luma([spec.pad_value]));
-            (geo, vec![g.into_raw()])
-        }
-        Colour::Rgb => {
-            let rgb: RgbImage = img.to_rgb8();
-            let (fitted, geo) = fit(&rgb, w, h, spec.resize, Rgb([spec.pad_value; 3]));
-            let raw = fitted.into_raw();
-            let planes = (0..3)
-                .map(|c| raw.iter().skip(c).step_by(3).copied().collect())
-                .collect();
-            (geo, planes)
-        }
-    };
+    let src = source_pixels(img, spec.colour);
+    let geometry = placement(src.width.max(1), src.height.max(1), w, h, spec.resize);
+    let content = resize(&src, geometry.content_w, geometry.content_h);
     let n = &spec.normalise;
-    let per = |v: &[f32], c: usize| if v.len() == 1 { v[0] } else { v[c] };
+    let per = |v: &[f32], c: usize| v.get(c).or(v.first()).copied().unwrap_or(0.0);
+    let tables: Vec<[f32; 256]> = (0..channels)
+        .map(|c| {
+            let (mean, std) = (per(&n.mean, c), per(&n.std, c));
+            std::array::from_fn(|v| (v as f32 * n.scale - mean) / std)
+        })
+        .collect();
     let plane_len = (w * h) as usize;
     let mut data = vec![0f32; plane_len * channels];
-    for (c, plane) in planes.iter().enumerate() {
-        let (mean, std) = (per(&n.mean, c), per(&n.std, c));
-        for (i, &v) in plane.iter().enumerate() {
-            let x = (f32::from(v) * n.scale - mean) / std;
-            match spec.layout {
-                Layout::NCHW => data[c * plane_len + i] = x,
-                Layout::NHWC => data[i * channels + c] = x,
+    let pad = usize::from(spec.pad_value);
+    for (c, table) in tables.iter().enumerate() {
+        let value_at = |y: u32, x: u32| -> f32 {
+            let (cx, cy) = (x.wrapping_sub(geometry.left), y.wrapping_sub(geometry.top));
+            if cx >= geometry.content_w || cy >= geometry.content_h {
+                return table[pad];
+            }
+            let i = (cy * geometry.content_w + cx) as usize * src.channels;
+            table[usize::from(content[i + c.min(src.channels - 1)])]
+        };
+        match spec.layout {
+            Layout::NCHW => {
+                let plane = &mut data[c * plane_len..(c + 1) * plane_len];
+                for (i, v) in plane.iter_mut().enumerate() {
+                    *v = value_at(i as u32 / w, i as u32 % w);
+                }
+            }
+            Layout::NHWC => {
+                for i in 0..plane_len {
+                    data[i * channels + c] = value_at(i as u32 / w, i as u32 % w);
+                }
             }
         }
     }
@@ -94,55 +209,11 @@ pub fn preprocess(img: &DynamicImage, spec: &ImageInput) -> InputTensor {
     }
 }
 
-fn fit<P>(
-    img: &ImageBuffer<P, Vec<u8>>,
-    w: u32,
-    h: u32,
-    resize: Resize,
-    pad: P,
-) -> (ImageBuffer<P, Vec<u8>>, Geometry)
-where
-    P: image::Pixel<Subpixel = u8> + 'static,
-{
-    let (iw, ih) = img.dimensions();
-    match resize {
-        Resize::Stretch => {
-            let out = imageops::resize(img, w, h, imageops::FilterType::Triangle);
-            let geo = Geometry {
-                input_w: w,
-                input_h: h,
-                left: 0,
-                top: 0,
-                content_w: w,
-                content_h: h,
-            };
-            (out, geo)
-        }
-        Resize::Letterbox => {
-            let s = (w as f64 / iw as f64).min(h as f64 / ih as f64);
-            let nw = ((iw as f64 * s).round() as u32).clamp(1, w);
-            let nh = ((ih as f64 * s).round() as u32).clamp(1, h);
-            let resized = imageops::resize(img, nw, nh, imageops::FilterType::Triangle);
-            let (left, top) = ((w - nw) / 2, (h - nh) / 2);
-            let mut canvas = ImageBuffer::from_pixel(w, h, pad);
-            imageops::replace(&mut canvas, &resized, i64::from(left), i64::from(top));
-            let geo = Geometry {
-                input_w: w,
-                input_h: h,
-                left,
-                top,
-                content_w: nw,
-                content_h: nh,
-            };
-            (canvas, geo)
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::inference::manifest::Normalise;
+    use image::{Luma, Rgb};
 
     fn spec(resize: Resize, colour: Colour) -> ImageInput {
         let c = if colour == Colour::Grayscale { 1 } else { 3 };

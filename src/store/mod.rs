@@ -130,8 +130,9 @@ pub struct NewAnalysis<'a> {
     pub cam_method: &'a str,
     /// The FHIR Bundle.
     pub bundle: &'a serde_json::Value,
-    /// The decoded original as PNG.
-    pub input_png: &'a [u8],
+    /// The input image file: the uploaded PNG or JPEG as it came, or a PNG of a DICOM frame
+    /// (kept as the blob `input.png` whatever its format; served with its own media type).
+    pub input_image: &'a [u8],
     /// The overlay PNG.
     pub overlay_png: Option<&'a [u8]>,
 }
@@ -264,8 +265,10 @@ impl Store {
     pub async fn save_analysis(&self, a: &NewAnalysis<'_>, source: &str) -> Result<(), StoreError> {
         let id = a.id.to_string();
         let bundle = serde_json::to_vec(a.bundle)?;
-        let mut files: Vec<(&str, Vec<u8>)> =
-            vec![("bundle.json", bundle), ("input.png", a.input_png.to_vec())];
+        let mut files: Vec<(&str, Vec<u8>)> = vec![
+            ("bundle.json", bundle),
+            ("input.png", a.input_image.to_vec()),
+        ];
         if let Some(o) = a.overlay_png {
             files.push(("overlay.png", o.to_vec()));
         }
