@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use carina::store::{Clock, JobKind, JobState, NewJob, Store};
+use carina::store::{Clock, JobKind, JobState, NewJob, Source, Store};
 use http_body_util::BodyExt;
 use tower::ServiceExt;
 
@@ -123,6 +123,54 @@ async fn lease_expiry_retry_backoff_and_dead_letter() {
     let j = store.job(&id4).await.unwrap().unwrap();
     assert_eq!(j.state, JobState::Dead);
     assert!(j.last_error.unwrap().contains("lease expired"));
+
+    // ... and when it was an instance's analysis, the instance says failed and why, rather
+    // than pending with nothing left to run it
+    let ix = carina::dicom::InstanceIndex {
+        sop_instance_uid: "1.2.826.0.1.3680043.8.498.7".into(),
+        study_uid: "1.2.826.0.1.3680043.8.498.8".into(),
+        series_uid: "1.2.826.0.1.3680043.8.498.9".into(),
+        ..Default::default()
+    };
+    let analyse = NewJob {
+        kind: JobKind::Analyse,
+        subject: ix.sop_instance_uid.clone(),
+        payload: serde_json::json!({}),
+        dedupe: None,
+        max_attempts: 1,
+    };
+    let (_, id5) = store
+        .insert_instance(
+            &ix,
+            1,
+            Source::Stow,
+            "pending",
+            Some("routed"),
+            None,
+            Some((&analyse, None)),
+        )
+        .await
+        .unwrap();
+    let claimed = store.claim_jobs("w1", 10, lease).await.unwrap();
+    assert_eq!(
+        claimed
+            .iter()
+            .map(|j| Some(j.id.clone()))
+            .collect::<Vec<_>>(),
+        vec![id5]
+    );
+    clock.advance(Duration::from_secs(61));
+    assert!(store.claim_jobs("w2", 10, lease).await.unwrap().is_empty());
+    let st = store
+        .instance_status(&ix.sop_instance_uid)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(st.analysis_state, "failed");
+    assert!(st
+        .analysis_reason
+        .unwrap_or_default()
+        .contains("lease expired"));
 
     // pruning removes jobs finished longer than `keep` ago on the queue's clock, never dead
     // ones

@@ -314,15 +314,7 @@ impl Store {
     ) -> Result<Vec<Job>, StoreError> {
         let now = self.clock.now_ms();
         let stamp = self.clock.stamp();
-        sqlx::query(
-            "UPDATE jobs SET state = 'dead', updated = $1, last_error = \
-             COALESCE(last_error || '; ', '') || 'lease expired on the last allowed attempt (the worker stopped)' \
-             WHERE state = 'running' AND lease_until < $2 AND attempts >= max_attempts",
-        )
-        .bind(&stamp)
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
+        self.bury_expired(&stamp, now).await?;
         let rows = sqlx::query(AssertSqlSafe(format!(
             "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_owner = $1, \
              lease_until = $2, updated = $3, \
@@ -339,6 +331,40 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(job_from).collect()
+    }
+
+    /// Dead-letters the jobs whose lease expired on their last allowed attempt and, in the same
+    /// transaction, marks the instance of each such analysis `failed` with the reason (it would
+    /// otherwise say `pending` with nothing left to run it).
+    async fn bury_expired(&self, stamp: &str, now: i64) -> Result<(), StoreError> {
+        const WHY: &str = "lease expired on the last allowed attempt (the worker stopped)";
+        let mut tx = self.begin_write().await?;
+        let dead = sqlx::query(
+            "UPDATE jobs SET state = 'dead', updated = $1, last_error = \
+             COALESCE(last_error || '; ', '') || $3 \
+             WHERE state = 'running' AND lease_until < $2 AND attempts >= max_attempts \
+             RETURNING kind, subject",
+        )
+        .bind(stamp)
+        .bind(now)
+        .bind(WHY)
+        .fetch_all(&mut *tx)
+        .await?;
+        for row in &dead {
+            let (kind, subject): (String, String) = (row.try_get("kind")?, row.try_get("subject")?);
+            if kind == JobKind::Analyse.as_str() {
+                sqlx::query(
+                    "UPDATE dicom_instances SET analysis_state = 'failed', analysis_reason = $1 \
+                     WHERE sop_instance_uid = $2 AND analysis_state <> 'done'",
+                )
+                .bind(format!("analysis job dead: {WHY}"))
+                .bind(subject)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Extends `owner`'s lease on job `id`; `false` when the lease was lost.
