@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use criterion::{criterion_group, criterion_main, Criterion};
 use image::DynamicImage;
 
-use carina::inference::{ExecutionProvider, LoadOptions, Registry, SessionOptions};
+use carina::inference::{Batching, ExecutionProvider, LoadOptions, Registry, SessionOptions};
 use carina::render::overlay;
 use image::codecs::png::FilterType;
 
@@ -24,8 +24,9 @@ fn bench(c: &mut Criterion) {
             intra_threads: 1,
             sessions: 1,
         },
-        max_batch: 1,
+        batching: Batching::immediate(1),
         onnxruntime: None,
+        outbound: Default::default(),
     };
     let reg = Registry::load(&models, &opts).expect("models load");
     let model = reg.image_model(None).expect("an image model").clone();
@@ -44,7 +45,7 @@ fn bench(c: &mut Criterion) {
     });
     for (label, image) in [("512x438", &img), ("1024x1024", &big)] {
         c.bench_function(&format!("preprocess {label} -> {name}"), |b| {
-            b.iter(|| carina::inference::preprocess::preprocess(image, &spec))
+            b.iter(|| carina::inference::preprocess::preprocess(image, &spec).unwrap())
         });
     }
     let input = model.prepare(&img).unwrap();

@@ -108,6 +108,14 @@ if [ "$want_test" = 1 ]; then
     .venv/bin/pip install -q -r tests/requirements.txt
     cp tests/requirements.txt .venv/.requirements
   fi
+  # MLServer (tests/kserve.rs: a real Open Inference Protocol server) needs pydantic 2, the
+  # test tools above pydantic 1: a venv of its own.
+  if [ ! -x .deps/mlserver-venv/bin/mlserver ] || ! cmp -s tests/kserve/requirements.txt .deps/mlserver-venv/.requirements 2>/dev/null; then
+    echo "setup: creating .deps/mlserver-venv with tests/kserve/requirements.txt" >&2
+    "$PY" -m venv .deps/mlserver-venv
+    .deps/mlserver-venv/bin/pip install -q -r tests/kserve/requirements.txt
+    cp tests/kserve/requirements.txt .deps/mlserver-venv/.requirements
+  fi
   if [ -f tests/fhir/package.json ] && [ ! -d tests/fhir/node_modules ]; then
     echo "setup: npm install in tests/fhir" >&2
     (cd tests/fhir && npm install --no-audit --no-fund --silent)

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
@@ -10,7 +11,9 @@ use serde_json::json;
 use crate::analysis::pipeline::{self, Analysis};
 use crate::config::Settings;
 use crate::imaging::MediaType;
-use crate::inference::{ExecutionProvider, ImageModel, LoadOptions, Registry, SessionOptions};
+use crate::inference::{
+    Batching, ExecutionProvider, ImageModel, LoadOptions, Registry, SessionOptions,
+};
 use crate::render::npy;
 
 /// Carina: AI models in hospital workflows (demo models, not for clinical use).
@@ -31,6 +34,20 @@ pub enum Command {
     Predict(PredictArgs),
     /// List the loaded models.
     Models(Common),
+    /// Write the ONNX file a serving engine (Triton, KServe, MLServer) should load for a model
+    /// package with `[backend] kind = "kserve-v2"`: the package's graph with every tensor
+    /// Carina fetches (probabilities or logits, the Grad-CAM feature map) made an output.
+    ExportServing(ExportArgs),
+}
+
+/// `carina export-serving` arguments.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The model package folder (holding `model.toml`).
+    pub package: PathBuf,
+    /// Where to write the ONNX file.
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 /// Flags shared by every command (each also settable in `carina.toml` and as `CARINA_*`).
@@ -123,8 +140,12 @@ pub fn load_options(s: &Settings) -> LoadOptions {
             intra_threads: s.intra_threads,
             sessions: s.sessions_per_model,
         },
-        max_batch: s.max_batch,
+        batching: Batching {
+            max_batch: s.max_batch,
+            max_wait: Duration::from_micros(s.max_wait_us),
+        },
         onnxruntime: s.onnxruntime.clone(),
+        outbound: s.outbound.clone(),
     }
 }
 
@@ -138,6 +159,28 @@ pub fn models(common: &Common) -> anyhow::Result<()> {
     println!(
         "{}",
         serde_json::to_string_pretty(&json!({"models": reg.describe()}))?
+    );
+    Ok(())
+}
+
+/// `carina export-serving`: writes the serving graph, prints what it holds as JSON.
+///
+/// # Errors
+/// When the package is unreadable or inconsistent, or the file cannot be written.
+pub fn export_serving(args: &ExportArgs) -> anyhow::Result<()> {
+    let manifest = crate::inference::Manifest::load(&args.package.join("model.toml"))?;
+    let plan = crate::inference::model::ServingGraph::plan(&args.package, &manifest)?;
+    std::fs::write(&args.out, &plan.bytes)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.out.display()))?;
+    let input = manifest.input.as_ref().map(|i| (&i.name, &i.shape));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json!({
+            "model": manifest.backend.model.as_deref().unwrap_or(&manifest.name),
+            "file": args.out,
+            "input": input.map(|(name, shape)| json!({"name": name, "shape": shape, "datatype": "FP32"})),
+            "outputs": plan.fetch,
+        }))?
     );
     Ok(())
 }

@@ -28,6 +28,9 @@ pub struct Settings {
     pub sessions_per_model: usize,
     /// Largest batch formed from concurrent requests.
     pub max_batch: usize,
+    /// How long, in microseconds, a batch stays open for more requests after its first
+    /// (0 = take only what is already queued; no added latency).
+    pub max_wait_us: u64,
     /// Images whose pixel work (decode, resize, overlay, PNG) runs at once (0 = one per core);
     /// the rest wait their turn instead of taking the cores from inference.
     pub cpu_workers: usize,
@@ -211,6 +214,7 @@ impl Default for Settings {
             intra_threads: 0,
             sessions_per_model: 0,
             max_batch: 4,
+            max_wait_us: 0,
             cpu_workers: 0,
             onnxruntime: None,
             max_body_mb: 64,
@@ -323,6 +327,9 @@ impl Settings {
         }
         if let Some(v) = get("CARINA_MAX_BATCH") {
             self.max_batch = parse("CARINA_MAX_BATCH", &v)?;
+        }
+        if let Some(v) = get("CARINA_MAX_WAIT_US") {
+            self.max_wait_us = parse("CARINA_MAX_WAIT_US", &v)?;
         }
         if let Some(v) = get("CARINA_CPU_WORKERS") {
             self.cpu_workers = parse("CARINA_CPU_WORKERS", &v)?;
@@ -461,6 +468,10 @@ mod tests {
         s.apply_env(|k| (k == "CARINA_CPU_WORKERS").then(|| "3".to_string()))
             .unwrap();
         assert_eq!(s.cpu_workers, 3);
+        assert_eq!(s.max_wait_us, 0, "no added latency unless set");
+        s.apply_env(|k| (k == "CARINA_MAX_WAIT_US").then(|| "2000".to_string()))
+            .unwrap();
+        assert_eq!(s.max_wait_us, 2000);
         let e = s
             .apply_env(|k| (k == "CARINA_CPU_WORKERS").then(|| "many".to_string()))
             .unwrap_err();

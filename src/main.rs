@@ -35,6 +35,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Serve(common) => serve(common),
         Command::Models(common) => cli::models(common),
+        Command::ExportServing(args) => cli::export_serving(args),
         Command::Predict(args) => cli::predict(args).and_then(|failed| match failed {
             0 => Ok(()),
             n => Err(anyhow::anyhow!("{n} file(s) failed")),

@@ -97,7 +97,7 @@ fn preprocessing_matches_the_training_pipeline() {
     let model = reg.image_model(Some("tiny-gap")).unwrap();
     for img in IMAGES {
         let file = image::open(fixtures().join(format!("images/{img}.jpg"))).unwrap();
-        let ours = preprocess(&file, model.manifest.input.as_ref().unwrap());
+        let ours = preprocess(&file, model.manifest.input.as_ref().unwrap()).unwrap();
         let (shape, want) = npy(fixtures().join(format!("models/tiny-gap/golden/input_{img}.npy")));
         assert_eq!(ours.shape.to_vec(), shape);
         let diff = max_abs_diff(&ours.data, &want);
@@ -160,4 +160,71 @@ fn shipped_cxr_model_matches_pytorch_grad_cam() {
             );
         }
     }
+}
+
+/// Loads the tiny-gap fixture model with its own engine and batching settings.
+fn tiny_gap_with(batching: carina::inference::Batching) -> carina::inference::ImageModel {
+    use carina::inference::{runtime, ImageModel, Manifest};
+    let dir = fixtures().join("models/tiny-gap");
+    let manifest = Manifest::load(&dir.join("model.toml")).unwrap();
+    let env = runtime::environment(None).unwrap();
+    let opts = carina::inference::LoadOptions {
+        batching,
+        ..common::load_options()
+    };
+    ImageModel::load(&dir, manifest, env, &opts).unwrap()
+}
+
+#[test]
+fn dynamic_batching_closes_at_max_batch_and_answers_each_request_with_its_own_outputs() {
+    use carina::inference::{BatchStats, Batching};
+    use std::time::Duration;
+    // A batch stays open long enough for four concurrent callers, then closes at max_batch
+    // (the test would take 60 s if it waited for max_wait instead).
+    let batched = tiny_gap_with(Batching {
+        max_batch: 4,
+        max_wait: Duration::from_secs(60),
+    });
+    let single = tiny_gap_with(Batching::immediate(4));
+    let inputs: Vec<InputTensor> = (0..4)
+        .map(|i| {
+            let mut t = golden_input("tiny-gap", IMAGES[i % 2]);
+            t.data.iter_mut().for_each(|v| *v *= 1.0 + i as f32 / 4.0);
+            t
+        })
+        .collect();
+    let before = batched.batch_stats();
+    let outputs: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = inputs
+            .iter()
+            .map(|input| s.spawn(|| batched.infer_blocking(input).unwrap()))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let after = batched.batch_stats();
+    assert_eq!(
+        (
+            after.batches - before.batches,
+            after.samples - before.samples
+        ),
+        (1, 4),
+        "four concurrent requests should run as one batch"
+    );
+    // Each caller gets its own slice: the same as running its input alone.
+    let single_before = single.batch_stats();
+    for (input, got) in inputs.iter().zip(&outputs) {
+        let alone = single.infer_blocking(input).unwrap();
+        assert_eq!(got["logits"].shape, alone["logits"].shape);
+        assert!(max_abs_diff(&got["logits"].data, &alone["logits"].data) < 1e-5);
+        assert!(max_abs_diff(&got["features"].data, &alone["features"].data) < 1e-5);
+    }
+    let single_after = single.batch_stats();
+    assert_eq!(
+        single_after,
+        BatchStats {
+            batches: single_before.batches + 4,
+            samples: single_before.samples + 4,
+        },
+        "with max_wait 0, requests made one after another each run alone"
+    );
 }

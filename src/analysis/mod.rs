@@ -17,6 +17,7 @@ use crate::dicom::routing::{self, Decision, Route};
 use crate::dicom::sc::{self, ScInput, ScResult};
 use crate::dicom::{parse_instance, ParseError};
 use crate::imaging::MediaType;
+use crate::inference::engine::EngineError;
 use crate::inference::{ImageModel, Registry};
 use crate::outbound::export::Exporter;
 use crate::store::{Source, Store, StoreError};
@@ -46,9 +47,13 @@ pub enum ProcessError {
 }
 
 impl ProcessError {
-    /// Whether another attempt may succeed (storage trouble; not a failed analysis).
+    /// Whether another attempt may succeed: storage trouble, or a remote inference pool that
+    /// cannot be reached now; not a failed analysis.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Store(_))
+        matches!(
+            self,
+            Self::Store(_) | Self::Analyse(AnalyseError::Engine(EngineError::Unavailable(_)))
+        )
     }
 }
 

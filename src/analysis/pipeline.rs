@@ -37,7 +37,7 @@ pub struct Analysis {
     /// decoded DICOM frame.
     pub input_image: bytes::Bytes,
     /// The overlay PNG, when a map was made.
-    pub overlay_png: Option<Vec<u8>>,
+    pub overlay_png: Option<bytes::Bytes>,
     /// The overlay's pixels (for a DICOM result made from it: never decoded back from PNG).
     pub overlay: Option<image::RgbImage>,
     /// The FHIR Bundle.
@@ -77,8 +77,8 @@ impl Analysis {
             probabilities: serde_json::Value::Object(self.probabilities_json()),
             cam_method: self.cam_method().as_str(),
             bundle: &self.bundle,
-            input_image: &self.input_image,
-            overlay_png: self.overlay_png.as_deref(),
+            input_image: self.input_image.clone(),
+            overlay_png: self.overlay_png.clone(),
         }
     }
 
@@ -131,19 +131,21 @@ static CPU_WORK: OnceLock<tokio::sync::Semaphore> = OnceLock::new();
 /// once (0 = one per core), so that pixel work queues instead of taking the cores from the
 /// inference sessions. Takes effect once, before the first analysis; later calls are ignored.
 pub fn limit_cpu_work(workers: usize) {
-    let n = if workers > 0 {
-        workers
-    } else {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+    let _ = CPU_WORK.set(cpu_pool(workers));
+}
+
+/// A pool of `workers` permits, one per core when 0.
+fn cpu_pool(workers: usize) -> tokio::sync::Semaphore {
+    let n = match workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
     };
-    let _ = CPU_WORK.set(tokio::sync::Semaphore::new(n));
+    tokio::sync::Semaphore::new(n)
 }
 
 /// Runs CPU pixel work `f` on the blocking pool under a permit of [`limit_cpu_work`]'s pool.
 async fn cpu<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, AnalyseError> {
-    let pool = CPU_WORK.get_or_init(|| {
-        tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(1, |n| n.get()))
-    });
+    let pool = CPU_WORK.get_or_init(|| cpu_pool(0));
     let _permit = pool
         .acquire()
         .await
@@ -170,9 +172,7 @@ fn prepare(
     let decoded = imaging::decode_frame(bytes, media, frame)?;
     let decode_ms = ms(t);
     let t = Instant::now();
-    let input = model
-        .prepare(&decoded.image)
-        .ok_or_else(|| EngineError::Run("model has no image input".into()))?;
+    let input = model.prepare(&decoded.image)?;
     Ok((
         decoded,
         input,
@@ -313,7 +313,7 @@ fn finish(
                 DynamicImage::ImageRgb8(overlay::render(cam, &geometry, &image, OVERLAY_ALPHA));
             let png =
                 overlay::encode_png(&blended).map_err(|e| AnalyseError::Task(e.to_string()))?;
-            (Some(png), Some(blended.into_rgb8()))
+            (Some(bytes::Bytes::from(png)), Some(blended.into_rgb8()))
         }
         None => (None, None),
     };

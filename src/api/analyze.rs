@@ -38,7 +38,7 @@ pub struct AnalyzeQuery {
         (status = 415, description = "Unsupported media type (OperationOutcome, code `not-supported`).", body = OperationOutcome, content_type = "application/fhir+json"),
         (status = 422, description = "Image cannot be decoded (OperationOutcome, code `invalid`).", body = OperationOutcome, content_type = "application/fhir+json"),
         (status = 500, description = "Internal error (OperationOutcome, code `exception`).", body = OperationOutcome, content_type = "application/fhir+json"),
-        (status = 503, description = "Models not loaded (OperationOutcome).", body = OperationOutcome, content_type = "application/fhir+json")
+        (status = 503, description = "Models not loaded, or the model runs on a serving engine that is unavailable now (OperationOutcome, code `transient`).", body = OperationOutcome, content_type = "application/fhir+json")
     )
 )]
 pub async fn analyze(

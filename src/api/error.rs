@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 
 use crate::analysis::pipeline::AnalyseError;
 use crate::imaging::DecodeError;
+use crate::inference::engine::EngineError;
 use crate::store::StoreError;
 
 /// An error answered as an OperationOutcome.
@@ -90,6 +91,16 @@ impl From<AnalyseError> for ApiError {
     fn from(e: AnalyseError) -> Self {
         match e {
             AnalyseError::Decode(d) => d.into(),
+            AnalyseError::Engine(EngineError::Unavailable(why)) => {
+                // the pool's address stays in the log, not in the answer
+                let mut e = Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "transient",
+                    "the inference pool for this model is unavailable; try again later",
+                );
+                e.cause = Some(why);
+                e
+            }
             other => Self::internal(other),
         }
     }

@@ -211,7 +211,7 @@ fn timed(a: &Analysis, body: impl Serialize) -> Response {
     summary = "Legacy classification",
     description = "2020 demo API: classify a base64-encoded PNG/JPEG sent in form field `b64`.",
     request_body(content((LegacyForm = "application/x-www-form-urlencoded"), (LegacyForm = "multipart/form-data")), description = "Form with a field `b64` holding a base64-encoded PNG/JPEG file."),
-    responses((status = 200, description = "Classification.", body = LegacyPrediction, content_type = "application/json"), (status = 400, response = LegacyProblem), (status = 413, response = LegacyProblem)))]
+    responses((status = 200, description = "Classification.", body = LegacyPrediction, content_type = "application/json"), (status = 400, response = LegacyProblem), (status = 413, response = LegacyProblem), (status = 503, response = LegacyProblem)))]
 pub async fn predict(State(state): State<AppState>, req: Request) -> Result<Response, LegacyError> {
     let bytes = b64_field(req).await?;
     let media = media(&bytes)?;
@@ -234,7 +234,7 @@ pub async fn predict(State(state): State<AppState>, req: Request) -> Result<Resp
     summary = "Legacy classification with heatmap",
     description = "2020 demo API: like `/predict/`, plus the COVID-19 probability and URLs of the input image and heatmap under `/static/`.",
     request_body(content((LegacyForm = "application/x-www-form-urlencoded"), (LegacyForm = "multipart/form-data")), description = "Form with a field `b64` holding a base64-encoded PNG/JPEG file."),
-    responses((status = 200, description = "Classification with heatmap URLs.", body = LegacyHeatmapPrediction, content_type = "application/json"), (status = 400, response = LegacyProblem), (status = 413, response = LegacyProblem)))]
+    responses((status = 200, description = "Classification with heatmap URLs.", body = LegacyHeatmapPrediction, content_type = "application/json"), (status = 400, response = LegacyProblem), (status = 413, response = LegacyProblem), (status = 503, response = LegacyProblem)))]
 pub async fn predict_heatmap(
     State(state): State<AppState>,
     req: Request,

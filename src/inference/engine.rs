@@ -1,10 +1,16 @@
 //! One ONNX Runtime session per model behind a queue: a dedicated thread takes requests from
 //! concurrent callers, runs up to `max_batch` of them as one batch, and answers each with its
 //! own slice of the outputs. CPU work never runs on the async runtime.
+//!
+//! Batching is dynamic: a batch opens with the first waiting request and closes when it holds
+//! `max_batch` samples or `max_wait` has passed since it opened, whichever comes first. With
+//! `max_wait` zero the batch takes only what is already queued (no added latency).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use ort::session::Session;
 use ort::value::Tensor;
@@ -31,6 +37,45 @@ pub enum EngineError {
     /// The engine thread is gone (shutdown).
     #[error("the inference engine has stopped")]
     Stopped,
+    /// A remote inference pool cannot be reached now (retries spent or breaker open); trying
+    /// again later may succeed.
+    #[error("inference pool unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// How the engine forms batches from concurrent requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batching {
+    /// Largest batch (at least 1).
+    pub max_batch: usize,
+    /// Longest a batch stays open for more requests once its first arrived.
+    pub max_wait: Duration,
+}
+
+impl Batching {
+    /// Takes only what is already queued, up to `max_batch`.
+    pub fn immediate(max_batch: usize) -> Self {
+        Self {
+            max_batch,
+            max_wait: Duration::ZERO,
+        }
+    }
+}
+
+/// Batches run and samples answered since start, across the model's sessions.
+#[derive(Debug, Default)]
+struct Counters {
+    batches: AtomicU64,
+    samples: AtomicU64,
+}
+
+/// What an engine has run so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchStats {
+    /// ONNX Runtime runs.
+    pub batches: u64,
+    /// Samples in those runs.
+    pub samples: u64,
 }
 
 struct Request {
@@ -42,6 +87,7 @@ struct Request {
 #[derive(Clone)]
 pub struct Engine {
     tx: mpsc::Sender<Request>,
+    counters: Arc<Counters>,
 }
 
 impl Engine {
@@ -50,23 +96,41 @@ impl Engine {
         sessions: Vec<Session>,
         input_name: String,
         outputs: Vec<String>,
-        max_batch: usize,
+        batching: Batching,
         label: &str,
     ) -> Self {
         let (tx, rx) = mpsc::channel::<Request>();
         let rx = Arc::new(Mutex::new(rx));
-        let max_batch = max_batch.max(1);
+        let counters = Arc::new(Counters::default());
+        let batching = Batching {
+            max_batch: batching.max_batch.max(1),
+            ..batching
+        };
         for (i, session) in sessions.into_iter().enumerate() {
-            let (rx, input, outputs) = (rx.clone(), input_name.clone(), outputs.clone());
-            let model = label.to_string();
+            let worker = Worker {
+                model: label.to_string(),
+                input: input_name.clone(),
+                outputs: outputs.clone(),
+                batching,
+                counters: counters.clone(),
+            };
+            let rx = rx.clone();
             let spawned = thread::Builder::new()
                 .name(format!("ort-{label}-{i}"))
-                .spawn(move || serve(session, &model, &input, &outputs, max_batch, &rx));
+                .spawn(move || worker.serve(session, &rx));
             if let Err(e) = spawned {
                 tracing::error!("cannot start inference thread: {e}");
             }
         }
-        Self { tx }
+        Self { tx, counters }
+    }
+
+    /// Batches run and samples answered so far.
+    pub fn stats(&self) -> BatchStats {
+        BatchStats {
+            batches: self.counters.batches.load(Ordering::Relaxed),
+            samples: self.counters.samples.load(Ordering::Relaxed),
+        }
     }
 
     /// Runs one sample (batch dimension 1), waiting asynchronously.
@@ -94,49 +158,77 @@ impl Engine {
     }
 }
 
-fn serve(
-    mut session: Session,
-    model: &str,
-    input_name: &str,
-    outputs: &[String],
-    max_batch: usize,
-    rx: &Mutex<mpsc::Receiver<Request>>,
-) {
-    loop {
-        // Take one request (waiting), then whatever else is already queued, up to max_batch;
-        // the lock is released before running so other sessions can form their own batch.
-        let batch = {
-            let Ok(queue) = rx.lock() else { return };
-            let Ok(first) = queue.recv() else { return };
-            let mut batch = vec![first];
-            while batch.len() < max_batch {
-                match queue.try_recv() {
-                    Ok(r) => batch.push(r),
-                    Err(_) => break,
+/// One session's thread: what it needs besides the session and the queue.
+struct Worker {
+    model: String,
+    input: String,
+    outputs: Vec<String>,
+    batching: Batching,
+    counters: Arc<Counters>,
+}
+
+impl Worker {
+    fn serve(self, mut session: Session, rx: &Mutex<mpsc::Receiver<Request>>) {
+        loop {
+            // The lock is held while the batch forms and released before it runs, so another
+            // session forms the next batch while this one computes.
+            let batch = {
+                let Ok(queue) = rx.lock() else { return };
+                let Ok(first) = queue.recv() else { return };
+                self.fill(vec![first], &queue)
+            };
+            // Samples of different shapes run in batches of their own.
+            for group in group_by_shape(batch) {
+                self.run(&mut session, group);
+            }
+        }
+    }
+
+    /// Adds queued requests to `batch` until it is full or `max_wait` has passed.
+    fn fill(&self, mut batch: Vec<Request>, queue: &mpsc::Receiver<Request>) -> Vec<Request> {
+        let Batching {
+            max_batch,
+            max_wait,
+        } = self.batching;
+        let deadline = Instant::now() + max_wait;
+        while batch.len() < max_batch {
+            let next = match queue.try_recv() {
+                Ok(r) => Ok(r),
+                Err(_) => match deadline.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => queue.recv_timeout(left).map_err(|_| ()),
+                    _ => Err(()),
+                },
+            };
+            match next {
+                Ok(r) => batch.push(r),
+                Err(()) => break,
+            }
+        }
+        batch
+    }
+
+    fn run(&self, session: &mut Session, group: Vec<Request>) {
+        let inputs: Vec<&FloatTensor> = group.iter().map(|r| &r.input).collect();
+        let started = Instant::now();
+        let result = run_batch(session, &self.input, &self.outputs, &inputs);
+        crate::metrics::global().observe_inference(
+            &self.model,
+            started.elapsed().as_secs_f64(),
+            group.len(),
+        );
+        self.counters.batches.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .samples
+            .fetch_add(group.len() as u64, Ordering::Relaxed);
+        match result {
+            Ok(mut per_sample) => {
+                for (r, out) in group.into_iter().zip(per_sample.drain(..)) {
+                    let _ = r.reply.send(Ok(out));
                 }
             }
-            batch
-        };
-        // Samples of different shapes run in batches of their own.
-        for group in group_by_shape(batch) {
-            let inputs: Vec<&FloatTensor> = group.iter().map(|r| &r.input).collect();
-            let started = std::time::Instant::now();
-            let result = run_batch(&mut session, input_name, outputs, &inputs);
-            crate::metrics::global().observe_inference(
-                model,
-                started.elapsed().as_secs_f64(),
-                group.len(),
-            );
-            match result {
-                Ok(mut per_sample) => {
-                    for (r, out) in group.into_iter().zip(per_sample.drain(..)) {
-                        let _ = r.reply.send(Ok(out));
-                    }
-                }
-                Err(e) => {
-                    for r in group {
-                        let _ = r.reply.send(Err(e.clone()));
-                    }
+            Err(e) => {
+                for r in group {
+                    let _ = r.reply.send(Err(e.clone()));
                 }
             }
         }

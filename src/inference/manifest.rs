@@ -51,6 +51,46 @@ pub struct Manifest {
     /// Where the model came from.
     #[serde(default)]
     pub provenance: Provenance,
+    /// Where inference runs: in this process (default) or on a serving engine.
+    #[serde(default)]
+    pub backend: BackendSettings,
+}
+
+/// `[backend]`: where an image model's inference runs. Decoding, Grad-CAM (from the fetched
+/// feature map and the head weights of the local ONNX file), reports and storage stay in Carina.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSettings {
+    /// `local` (ONNX Runtime in this process) or `kserve-v2` (Open Inference Protocol).
+    #[serde(default)]
+    pub kind: BackendKind,
+    /// Base URL of the serving engine (`kserve-v2`), e.g. `http://triton:8000`.
+    pub url: Option<String>,
+    /// Model name on the serving engine (default: this manifest's `name`).
+    pub model: Option<String>,
+    /// Model version on the serving engine (default: the engine's choice).
+    pub version: Option<String>,
+    /// Deadline of one inference call, in milliseconds (default 30 000).
+    pub timeout_ms: Option<u64>,
+    /// Further attempts after a transient failure (default 2).
+    pub retries: Option<u32>,
+    /// Failures in a row that open the circuit breaker (default 5).
+    pub breaker_failures: Option<u32>,
+    /// Seconds the breaker stays open before one trial call (default 30).
+    pub breaker_open_secs: Option<u64>,
+    /// Name of an environment variable holding a bearer token for the engine.
+    pub token_env: Option<String>,
+}
+
+/// Inference backends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendKind {
+    /// ONNX Runtime in this process.
+    #[default]
+    Local,
+    /// A KServe V2 / Open Inference Protocol server over HTTP/REST (Triton, KServe, MLServer).
+    KserveV2,
 }
 
 fn default_file() -> String {
@@ -273,12 +313,31 @@ impl Manifest {
         if self.output.probabilities.is_none() && self.output.logits.is_none() {
             return Err("[output] needs `probabilities` or `logits`".into());
         }
-        Ok(())
+        self.backend.check()
     }
 
     /// The ONNX file path, resolved against the manifest's folder.
     pub fn model_path(&self, dir: &Path) -> PathBuf {
         dir.join(&self.file)
+    }
+}
+
+impl BackendSettings {
+    fn check(&self) -> Result<(), String> {
+        if self.kind == BackendKind::Local {
+            return match self.url {
+                Some(_) => Err("[backend] url is only for kind = \"kserve-v2\"".into()),
+                None => Ok(()),
+            };
+        }
+        let url = self
+            .url
+            .as_deref()
+            .ok_or("[backend] kind = \"kserve-v2\" needs `url`")?;
+        match reqwest::Url::parse(url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(()),
+            _ => Err(format!("[backend] url '{url}' is not an http(s) URL")),
+        }
     }
 }
 

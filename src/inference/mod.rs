@@ -8,6 +8,7 @@ pub mod manifest;
 pub mod model;
 pub mod onnx;
 pub mod preprocess;
+pub mod remote;
 pub mod runtime;
 
 use std::path::{Path, PathBuf};
@@ -15,6 +16,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+pub use engine::{BatchStats, Batching};
 pub use manifest::{Manifest, Task};
 pub use model::{ImageModel, LoadError, Prediction};
 pub use runtime::{ExecutionProvider, SessionOptions};
@@ -138,10 +140,12 @@ pub struct LabelInfo {
 pub struct LoadOptions {
     /// Session options.
     pub session: SessionOptions,
-    /// Largest batch the engine forms.
-    pub max_batch: usize,
+    /// How each model's engine forms batches.
+    pub batching: Batching,
     /// Explicit library path.
     pub onnxruntime: Option<PathBuf>,
+    /// The outbound client's settings, for models whose `[backend]` is a serving engine.
+    pub outbound: crate::outbound::OutboundSettings,
 }
 
 impl Registry {
@@ -178,7 +182,7 @@ impl Registry {
         for (pkg, m) in manifests {
             match m.task {
                 Task::ImageClassification => {
-                    let model = ImageModel::load(&pkg, m, env, opts.session, opts.max_batch)?;
+                    let model = ImageModel::load(&pkg, m, env, opts)?;
                     tracing::info!(model = %model.manifest.name, version = %model.manifest.version, provider = model.provider, cam = model.cam_method().as_str(), "model loaded");
                     image.push(Arc::new(model));
                 }

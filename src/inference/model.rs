@@ -9,13 +9,15 @@ use ndarray::{ArrayD, IxDyn};
 use ort::environment::Environment;
 use ort::session::Session;
 
-use super::engine::{run_batch, Engine, EngineError, FloatTensor, Outputs};
+use super::engine::{run_batch, BatchStats, Engine, EngineError, FloatTensor, Outputs};
 use super::gradcam::{self, Cam, CamMethod};
 use super::head::Head;
-use super::manifest::{Layout, Manifest};
+use super::manifest::{BackendKind, Layout, Manifest};
 use super::onnx::{extract_submodel, with_extra_outputs, OnnxGraph};
 use super::preprocess::{preprocess, InputTensor};
+use super::remote::RemoteEngine;
 use super::runtime::{self, SessionOptions};
+use super::LoadOptions;
 
 /// A model that could not be loaded: names the file and the problem.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +27,45 @@ pub struct LoadError {
     pub path: PathBuf,
     /// What is wrong.
     pub message: String,
+}
+
+/// Where the model runs.
+enum Backend {
+    /// ONNX Runtime sessions in this process.
+    Local(Engine),
+    /// A serving engine over the Open Inference Protocol.
+    Remote(Box<RemoteEngine>),
+}
+
+impl Backend {
+    async fn run(&self, input: FloatTensor) -> Result<Outputs, EngineError> {
+        match self {
+            Self::Local(e) => e.run(input).await,
+            Self::Remote(r) => r.run(input).await,
+        }
+    }
+
+    /// Off the async runtime's worker threads (a blocking-pool thread or a plain one).
+    fn run_blocking(&self, input: FloatTensor) -> Result<Outputs, EngineError> {
+        match self {
+            Self::Local(e) => e.run_blocking(input),
+            Self::Remote(r) => match tokio::runtime::Handle::try_current() {
+                Ok(handle) => handle.block_on(r.run(input)),
+                Err(_) => tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| EngineError::Run(e.to_string()))?
+                    .block_on(r.run(input)),
+            },
+        }
+    }
+
+    fn stats(&self) -> BatchStats {
+        match self {
+            Self::Local(e) => e.stats(),
+            Self::Remote(r) => r.stats(),
+        }
+    }
 }
 
 enum CamPlan {
@@ -39,9 +80,9 @@ pub struct ImageModel {
     pub manifest: Manifest,
     /// The package folder.
     pub dir: PathBuf,
-    /// Provider running the session.
+    /// Provider running the session (`kserve-v2` for a remote backend).
     pub provider: &'static str,
-    engine: Engine,
+    backend: Backend,
     probs: Option<String>,
     logits: Option<String>,
     score: String,
@@ -71,19 +112,27 @@ fn softmax(z: &[f32]) -> Vec<f32> {
     e.iter().map(|v| v / s).collect()
 }
 
-impl ImageModel {
-    /// Loads the package in `dir` described by `manifest`.
+/// A package's graph as Carina runs it: checked against the manifest, with the tensors it
+/// fetches on every run (probabilities or logits, the differentiated score, the Grad-CAM
+/// target) made graph outputs.
+pub struct ServingGraph {
+    /// The decoded original graph.
+    pub graph: OnnxGraph,
+    /// The ONNX file with the fetched tensors added as outputs: what a serving engine loads.
+    pub bytes: Vec<u8>,
+    /// Tensors fetched on every run.
+    pub fetch: Vec<String>,
+    score: String,
+    score_is_logit: bool,
+    target: Option<String>,
+}
+
+impl ServingGraph {
+    /// Reads and checks the ONNX file of `manifest` in `dir`.
     ///
     /// # Errors
-    /// [`LoadError`] naming the ONNX file when it is unreadable, inconsistent with the manifest or
-    /// rejected by ONNX Runtime.
-    pub fn load(
-        dir: &Path,
-        manifest: Manifest,
-        env: &Environment,
-        opts: SessionOptions,
-        max_batch: usize,
-    ) -> Result<Self, LoadError> {
+    /// [`LoadError`] naming the file when it is unreadable or inconsistent with the manifest.
+    pub fn plan(dir: &Path, manifest: &Manifest) -> Result<Self, LoadError> {
         let path = manifest.model_path(dir);
         let fail = |message: String| LoadError {
             path: path.clone(),
@@ -108,7 +157,7 @@ impl ImageModel {
                 )));
             }
         }
-        let (score, score_is_logit) = score_tensor(&g, &manifest);
+        let (score, score_is_logit) = score_tensor(&g, manifest);
         let target = match &manifest.gradcam.target {
             Some(t) if g.has_tensor(t) => Some(t.clone()),
             Some(t) => {
@@ -137,11 +186,64 @@ impl ImageModel {
             .map(String::as_str)
             .filter(|t| !g.is_output(t))
             .collect();
-        let model_bytes = with_extra_outputs(&bytes, &extra);
-        let (session, provider) = runtime::session(env, &model_bytes, opts, &manifest.name)
+        let bytes = with_extra_outputs(&bytes, &extra);
+        Ok(Self {
+            graph: g,
+            bytes,
+            fetch,
+            score,
+            score_is_logit,
+            target,
+        })
+    }
+}
+
+impl ImageModel {
+    /// Loads the package in `dir` described by `manifest`. A model with a remote backend
+    /// still needs its ONNX file: the graph is checked, one local CPU run plans the heatmap
+    /// method, and the head weights compute Grad-CAM from the feature map the engine returns.
+    ///
+    /// # Errors
+    /// [`LoadError`] naming the ONNX file when it is unreadable, inconsistent with the manifest or
+    /// rejected by ONNX Runtime.
+    pub fn load(
+        dir: &Path,
+        manifest: Manifest,
+        env: &Environment,
+        load: &LoadOptions,
+    ) -> Result<Self, LoadError> {
+        let opts = load.session;
+        let path = manifest.model_path(dir);
+        let fail = |message: String| LoadError {
+            path: path.clone(),
+            message,
+        };
+        let ServingGraph {
+            graph: g,
+            bytes: model_bytes,
+            fetch,
+            score,
+            score_is_logit,
+            target,
+        } = ServingGraph::plan(dir, &manifest)?;
+        let input = manifest
+            .input
+            .as_ref()
+            .ok_or_else(|| fail("no [input] in the manifest".into()))?;
+        let remote = manifest.backend.kind == BackendKind::KserveV2;
+        let local_opts = if remote {
+            // one CPU session, for the warm-up run only
+            SessionOptions {
+                provider: runtime::ExecutionProvider::Cpu,
+                ..opts
+            }
+        } else {
+            opts
+        };
+        let (session, provider) = runtime::session(env, &model_bytes, local_opts, &manifest.name)
             .map_err(|e| fail(e.to_string()))?;
         let mut sessions = vec![session];
-        if provider == "CPUExecutionProvider" {
+        if !remote && provider == "CPUExecutionProvider" {
             let cpu = SessionOptions {
                 provider: runtime::ExecutionProvider::Cpu,
                 ..opts
@@ -152,13 +254,43 @@ impl ImageModel {
                 sessions.push(s);
             }
         }
-        let engine = Engine::start(
-            sessions,
-            input.name.clone(),
-            fetch,
-            max_batch,
-            &manifest.name,
-        );
+        // The warm-up run (it plans the heatmap method) goes straight to the first session,
+        // not through the engine's queue, where it would wait max_wait for a batch.
+        let warm_in = warmup_input(input).map_err(|e| fail(e.to_string()))?;
+        let warm_out = run_batch(
+            &mut sessions[0],
+            &input.name,
+            &fetch,
+            &[&FloatTensor {
+                shape: warm_in.shape.to_vec(),
+                data: warm_in.data,
+            }],
+        )
+        .map_err(|e| fail(format!("warm-up run failed: {e}")))?
+        .pop()
+        .ok_or_else(|| fail("warm-up run gave no output".into()))?;
+        let (backend, provider) = if remote {
+            drop(sessions);
+            let r = RemoteEngine::new(
+                &manifest.backend,
+                &load.outbound,
+                &manifest.name,
+                &input.name,
+                fetch,
+            )
+            .map_err(fail)?;
+            tracing::info!(model = %manifest.name, endpoint = r.endpoint(), "inference runs on a serving engine");
+            (Backend::Remote(Box::new(r)), "kserve-v2")
+        } else {
+            let engine = Engine::start(
+                sessions,
+                input.name.clone(),
+                fetch,
+                load.batching,
+                &manifest.name,
+            );
+            (Backend::Local(engine), provider)
+        };
         let mut model = Self {
             layout: manifest.gradcam.layout,
             probs: manifest.output.probabilities.clone(),
@@ -166,14 +298,14 @@ impl ImageModel {
             manifest,
             dir: dir.to_path_buf(),
             provider,
-            engine,
+            backend,
             score,
             score_is_logit,
             target,
             cam: CamPlan::Unavailable(String::new()),
         };
         model.cam = model
-            .plan_cam(&g, env, opts)
+            .plan_cam(&warm_out, &g, env, opts)
             .map_err(|e| fail(format!("warm-up run failed: {e}")))?;
         if let CamPlan::Unavailable(why) = &model.cam {
             tracing::warn!(model = %model.manifest.name, "no heatmap method: {why}");
@@ -190,14 +322,21 @@ impl ImageModel {
         }
     }
 
+    /// Batches run and samples answered by this model's engine so far (for a remote
+    /// backend: calls, each one sample).
+    pub fn batch_stats(&self) -> BatchStats {
+        self.backend.stats()
+    }
+
     /// The Grad-CAM target tensor.
     pub fn cam_target(&self) -> Option<&str> {
         self.target.as_deref()
     }
 
-    /// Chooses the CAM plan with one warm-up run on a fixed pattern.
+    /// Chooses the CAM plan from `out`, the outputs of the warm-up run.
     fn plan_cam(
         &self,
+        out: &Outputs,
         g: &OnnxGraph,
         env: &Environment,
         opts: SessionOptions,
@@ -207,13 +346,8 @@ impl ImageModel {
                 "no target tensor: set [gradcam] target".into(),
             ));
         };
-        let input = self.warmup_input();
-        let out = self.engine.run_blocking(FloatTensor {
-            shape: input.shape.to_vec(),
-            data: input.data,
-        })?;
         let exact_err = match Head::compile(g, &target, &self.score) {
-            Ok(head) => match verify_head(&head, &out, &target, &self.score) {
+            Ok(head) => match verify_head(&head, out, &target, &self.score) {
                 Ok(()) => return Ok(CamPlan::Exact(head)),
                 Err(e) => e,
             },
@@ -244,37 +378,22 @@ impl ImageModel {
         }
     }
 
-    fn warmup_input(&self) -> InputTensor {
-        let spec = self.manifest.input.as_ref();
-        let (h, w) = spec.map_or((1, 1), |s| s.size());
-        let img = image::DynamicImage::ImageLuma8(image::GrayImage::from_fn(w, h, |x, y| {
-            image::Luma([(((x * 7 + y * 13) % 251) as u8).wrapping_mul(3)])
-        }));
-        match spec {
-            Some(s) => preprocess(&img, s),
-            None => InputTensor {
-                shape: [1, 1, 1, 1],
-                data: vec![0.0],
-                geometry: super::preprocess::Geometry {
-                    input_w: 1,
-                    input_h: 1,
-                    left: 0,
-                    top: 0,
-                    content_w: 1,
-                    content_h: 1,
-                },
-            },
-        }
-    }
-
     /// Labels in output order.
     pub fn labels(&self) -> &[super::manifest::Label] {
         &self.manifest.labels
     }
 
     /// Preprocesses `img` (CPU; call off the async runtime).
-    pub fn prepare(&self, img: &image::DynamicImage) -> Option<InputTensor> {
-        self.manifest.input.as_ref().map(|s| preprocess(img, s))
+    ///
+    /// # Errors
+    /// [`EngineError::Run`] when the model has no image input or the resizer refuses the image.
+    pub fn prepare(&self, img: &image::DynamicImage) -> Result<InputTensor, EngineError> {
+        let spec = self
+            .manifest
+            .input
+            .as_ref()
+            .ok_or_else(|| EngineError::Run("the model has no image input".into()))?;
+        preprocess(img, spec).map_err(|e| EngineError::Run(e.to_string()))
     }
 
     /// Runs the model on a prepared input.
@@ -282,7 +401,7 @@ impl ImageModel {
     /// # Errors
     /// [`EngineError`] from ONNX Runtime.
     pub async fn infer(&self, input: &InputTensor) -> Result<Outputs, EngineError> {
-        self.engine
+        self.backend
             .run(FloatTensor {
                 shape: input.shape.to_vec(),
                 data: input.data.clone(),
@@ -295,7 +414,7 @@ impl ImageModel {
     /// # Errors
     /// [`EngineError`] from ONNX Runtime.
     pub fn infer_blocking(&self, input: &InputTensor) -> Result<Outputs, EngineError> {
-        self.engine.run_blocking(FloatTensor {
+        self.backend.run_blocking(FloatTensor {
             shape: input.shape.to_vec(),
             data: input.data.clone(),
         })
@@ -400,6 +519,15 @@ impl ImageModel {
             CamPlan::Unavailable(_) => Ok(None),
         }
     }
+}
+
+/// The warm-up input: a fixed gray pattern at the model's input size, preprocessed.
+fn warmup_input(spec: &super::manifest::ImageInput) -> Result<InputTensor, EngineError> {
+    let (h, w) = spec.size();
+    let img = image::DynamicImage::ImageLuma8(image::GrayImage::from_fn(w, h, |x, y| {
+        image::Luma([(((x * 7 + y * 13) % 251) as u8).wrapping_mul(3)])
+    }));
+    preprocess(&img, spec).map_err(|e| EngineError::Run(e.to_string()))
 }
 
 /// The tensor differentiated for Grad-CAM: the logits when named, or the input of the final

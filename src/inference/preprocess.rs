@@ -115,23 +115,37 @@ thread_local! {
 
 /// Resizes `src` to `w` x `h` with the SIMD convolution resizer, bilinear filter (antialiased
 /// when shrinking, like PIL's `BILINEAR` and `image`'s `Triangle`).
-fn resize(src: &Pixels<'_>, w: u32, h: u32) -> Vec<u8> {
+fn resize(src: &Pixels<'_>, w: u32, h: u32) -> Result<Vec<u8>, PreprocessError> {
     let pixel_type = if src.channels == 3 {
         PixelType::U8x3
     } else {
         PixelType::U8
     };
-    let fallback = || vec![0u8; w as usize * h as usize * src.channels];
-    let Ok(from) = ImageRef::new(src.width, src.height, &src.data, pixel_type) else {
-        return fallback();
+    let fail = |message: String| PreprocessError {
+        from: (src.width, src.height),
+        to: (w, h),
+        message,
     };
+    let from = ImageRef::new(src.width, src.height, &src.data, pixel_type)
+        .map_err(|e| fail(e.to_string()))?;
     let mut to = Image::new(w, h, pixel_type);
     let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
-    let done = RESIZER.with(|r| r.borrow_mut().resize(&from, &mut to, &options));
-    match done {
-        Ok(()) => to.into_vec(),
-        Err(_) => fallback(),
-    }
+    RESIZER
+        .with(|r| r.borrow_mut().resize(&from, &mut to, &options))
+        .map_err(|e| fail(e.to_string()))?;
+    Ok(to.into_vec())
+}
+
+/// The resizer refused the image (it never is given a zero-sized one by the decoders).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("cannot resize {}x{} to {}x{}: {message}", from.0, from.1, to.0, to.1)]
+pub struct PreprocessError {
+    /// Source width and height.
+    pub from: (u32, u32),
+    /// Target width and height.
+    pub to: (u32, u32),
+    /// The resizer's message.
+    pub message: String,
 }
 
 /// Where the content goes in the input: all of it (stretch) or centred at the aspect ratio
@@ -158,12 +172,12 @@ fn placement(iw: u32, ih: u32, w: u32, h: u32, resize: Resize) -> Geometry {
 
 /// Builds the model input for `img`: one resize of the 8-bit pixels, then every value through
 /// a 256-entry table per channel (`(v * scale - mean) / std`), padding included.
-pub fn preprocess(img: &DynamicImage, spec: &ImageInput) -> InputTensor {
+pub fn preprocess(img: &DynamicImage, spec: &ImageInput) -> Result<InputTensor, PreprocessError> {
     let (h, w) = spec.size();
     let channels = spec.channels();
     let src = source_pixels(img, spec.colour);
     let geometry = placement(src.width.max(1), src.height.max(1), w, h, spec.resize);
-    let content = resize(&src, geometry.content_w, geometry.content_h);
+    let content = resize(&src, geometry.content_w, geometry.content_h)?;
     let n = &spec.normalise;
     let per = |v: &[f32], c: usize| v.get(c).or(v.first()).copied().unwrap_or(0.0);
     let tables: Vec<[f32; 256]> = (0..channels)
@@ -202,11 +216,11 @@ pub fn preprocess(img: &DynamicImage, spec: &ImageInput) -> InputTensor {
         Layout::NCHW => [1, channels, h as usize, w as usize],
         Layout::NHWC => [1, h as usize, w as usize, channels],
     };
-    InputTensor {
+    Ok(InputTensor {
         shape,
         data,
         geometry,
-    }
+    })
 }
 
 #[cfg(test)]
@@ -235,7 +249,7 @@ mod tests {
     #[test]
     fn letterbox_keeps_aspect_and_centres() {
         let img = DynamicImage::ImageLuma8(GrayImage::from_pixel(16, 8, Luma([255])));
-        let t = preprocess(&img, &spec(Resize::Letterbox, Colour::Grayscale));
+        let t = preprocess(&img, &spec(Resize::Letterbox, Colour::Grayscale)).unwrap();
         assert_eq!(
             t.geometry,
             Geometry {
@@ -256,7 +270,7 @@ mod tests {
     #[test]
     fn stretch_fills_and_rgb_is_planar() {
         let img = DynamicImage::ImageRgb8(RgbImage::from_pixel(3, 5, Rgb([255, 0, 51])));
-        let t = preprocess(&img, &spec(Resize::Stretch, Colour::Rgb));
+        let t = preprocess(&img, &spec(Resize::Stretch, Colour::Rgb)).unwrap();
         assert_eq!(t.shape, [1, 3, 8, 8]);
         assert!((t.data[0] - 2.0).abs() < 1e-5);
         assert!((t.data[64] + 2.0).abs() < 1e-5);

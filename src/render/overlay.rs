@@ -115,6 +115,7 @@ impl BlendTables {
         (heat.clamp(0.0, 1.0) * (LEVELS - 1) as f32 + 0.5) as u16
     }
 
+    #[cfg(test)]
     fn pixel(&self, heat: f32, gray: u8) -> [u8; 3] {
         self.blend(Self::level(heat), gray)
     }
@@ -130,8 +131,10 @@ impl BlendTables {
     }
 }
 
-/// Blends the coloured heat over a gray rendering of `img` (`alpha` = heat weight).
-pub fn blend(img: &DynamicImage, heat: &[f32], alpha: f32) -> RgbImage {
+/// Blends the coloured heat over a gray rendering of `img` (`alpha` = heat weight): the
+/// two-step reference that [`render`] must equal.
+#[cfg(test)]
+fn blend(img: &DynamicImage, heat: &[f32], alpha: f32) -> RgbImage {
     let gray = gray_of(img);
     let tables = BlendTables::new(alpha);
     let mut out = vec![0u8; gray.as_raw().len() * 3];
@@ -141,8 +144,8 @@ pub fn blend(img: &DynamicImage, heat: &[f32], alpha: f32) -> RgbImage {
     RgbImage::from_raw(gray.width(), gray.height(), out).unwrap_or_default()
 }
 
-/// The overlay of `cam` on `img` in one pass: [`upsample`] and [`blend`] row by row, without a
-/// full-size heat buffer.
+/// The overlay of `cam` on `img` in one pass: [`upsample`] and the colour-map blend (`alpha` =
+/// heat weight) row by row, without a full-size heat buffer.
 pub fn render(cam: &Cam, geo: &Geometry, img: &DynamicImage, alpha: f32) -> RgbImage {
     let gray = gray_of(img);
     let (w, h) = gray.dimensions();

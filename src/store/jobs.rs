@@ -338,6 +338,18 @@ impl Store {
     /// otherwise say `pending` with nothing left to run it).
     async fn bury_expired(&self, stamp: &str, now: i64) -> Result<(), StoreError> {
         const WHY: &str = "lease expired on the last allowed attempt (the worker stopped)";
+        // A read first: claim polls run often, and nearly always nothing has expired, so they
+        // should not take the write lock (SQLite) for nothing.
+        let any = sqlx::query(
+            "SELECT 1 FROM jobs WHERE state = 'running' AND lease_until < $1 \
+             AND attempts >= max_attempts LIMIT 1",
+        )
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        if any.is_none() {
+            return Ok(());
+        }
         let mut tx = self.begin_write().await?;
         let dead = sqlx::query(
             "UPDATE jobs SET state = 'dead', updated = $1, last_error = \

@@ -132,9 +132,9 @@ pub struct NewAnalysis<'a> {
     pub bundle: &'a serde_json::Value,
     /// The input image file: the uploaded PNG or JPEG as it came, or a PNG of a DICOM frame
     /// (kept as the blob `input.png` whatever its format; served with its own media type).
-    pub input_image: &'a [u8],
+    pub input_image: bytes::Bytes,
     /// The overlay PNG.
-    pub overlay_png: Option<&'a [u8]>,
+    pub overlay_png: Option<bytes::Bytes>,
 }
 
 /// Database + blobs.
@@ -265,12 +265,13 @@ impl Store {
     pub async fn save_analysis(&self, a: &NewAnalysis<'_>, source: &str) -> Result<(), StoreError> {
         let id = a.id.to_string();
         let bundle = serde_json::to_vec(a.bundle)?;
-        let mut files: Vec<(&str, Vec<u8>)> = vec![
-            ("bundle.json", bundle),
-            ("input.png", a.input_image.to_vec()),
+        // Shared handles on the buffers, not copies.
+        let mut files: Vec<(&str, bytes::Bytes)> = vec![
+            ("bundle.json", bundle.into()),
+            ("input.png", a.input_image.clone()),
         ];
-        if let Some(o) = a.overlay_png {
-            files.push(("overlay.png", o.to_vec()));
+        if let Some(o) = &a.overlay_png {
+            files.push(("overlay.png", o.clone()));
         }
         let blobs = self.blobs.clone();
         let dir = id.clone();

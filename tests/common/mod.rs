@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 
 use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode};
-use carina::inference::{ExecutionProvider, LoadOptions, Registry, SessionOptions};
+use carina::inference::{Batching, ExecutionProvider, LoadOptions, Registry, SessionOptions};
 
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -25,8 +25,9 @@ pub fn load_options() -> LoadOptions {
             intra_threads: 1,
             sessions: 1,
         },
-        max_batch: 4,
+        batching: Batching::immediate(4),
         onnxruntime: None,
+        outbound: Default::default(),
     }
 }
 

@@ -41,6 +41,16 @@ pub fn start(data: &Path, env: &[(&str, &str)]) -> Server {
 
 /// [`start`] with a config file.
 pub fn start_with(data: &Path, env: &[(&str, &str)], config: Option<&Path>) -> Server {
+    start_models(data, &root().join("models"), env, config)
+}
+
+/// [`start_with`] with the model packages in `models`.
+pub fn start_models(
+    data: &Path,
+    models: &Path,
+    env: &[(&str, &str)],
+    config: Option<&Path>,
+) -> Server {
     let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_carina"));
     cmd.current_dir(root())
@@ -49,7 +59,7 @@ pub fn start_with(data: &Path, env: &[(&str, &str)], config: Option<&Path>) -> S
         .arg("--data-dir")
         .arg(data)
         .arg("--models")
-        .arg(root().join("models"))
+        .arg(models)
         .env("CARINA_MIN_FREE_MB", "0")
         .env("CARINA_LOG_FORMAT", "json")
         .env("CARINA_INTRA_THREADS", "1")
