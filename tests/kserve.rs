@@ -1,7 +1,7 @@
 //! `[backend] kind = "kserve-v2"` against a real Open Inference Protocol server: MLServer 1.7
 //! (`.deps/mlserver-venv`, made by `scripts/setup.sh --test`) serving the ONNX file that
 //! `carina export-serving` writes, with onnxruntime (`tests/kserve/ort_runtime.py`). Exact
-//! Grad-CAM from the remote feature map equals the local backend's; a late answer times out;
+//! Grad-CAM from the remote feature map, over REST and over gRPC, equals the local backend's; a late answer times out;
 //! a pool that is down gives 503 and opens the breaker; the pool coming back closes it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -27,9 +27,9 @@ impl Drop for MlServer {
     }
 }
 
-/// Starts MLServer on the model repository `repo` (HTTP on `port`) and waits until both
-/// models are ready.
-fn mlserver(repo: &Path, port: u16) -> MlServer {
+/// Starts MLServer on the model repository `repo` (HTTP on `port`, gRPC on `grpc`) and waits
+/// until both models are ready.
+fn mlserver(repo: &Path, port: u16, grpc: u16) -> MlServer {
     let bin = root().join(".deps/mlserver-venv/bin/mlserver");
     assert!(
         bin.is_file(),
@@ -37,7 +37,7 @@ fn mlserver(repo: &Path, port: u16) -> MlServer {
         bin.display()
     );
     let settings = serde_json::json!({
-        "host": "127.0.0.1", "http_port": port, "grpc_port": free_port(),
+        "host": "127.0.0.1", "http_port": port, "grpc_port": grpc,
         "metrics_port": free_port(), "parallel_workers": 0,
     });
     std::fs::write(repo.join("settings.json"), settings.to_string()).unwrap();
@@ -107,31 +107,33 @@ fn repository(dir: &Path) -> PathBuf {
     repo
 }
 
-/// Carina's packages: the tiny-gap fixture as `remote-gap` (served by `tiny-gap`) and
-/// `remote-slow` (served by `tiny-gap-slow`, 500 ms deadline, no retry).
-fn packages(dir: &Path, port: u16) -> PathBuf {
+/// Carina's packages: the tiny-gap fixture as `remote-gap` (REST, served by `tiny-gap`),
+/// `remote-grpc` (gRPC, the same) and `remote-slow` (REST, served by `tiny-gap-slow`, 500 ms
+/// deadline, no retry).
+fn packages(dir: &Path, port: u16, grpc: u16) -> PathBuf {
     let models = dir.join("models");
     let src = fixtures().join("models/tiny-gap");
     let manifest = std::fs::read_to_string(src.join("model.toml")).unwrap();
+    let rest = format!("url = \"http://127.0.0.1:{port}\"\n");
+    let grpc = format!("url = \"http://127.0.0.1:{grpc}\"\nprotocol = \"grpc\"\n");
     for (name, served, extra) in [
         (
             "remote-gap",
             "tiny-gap",
-            "retries = 1\nbreaker_failures = 2\nbreaker_open_secs = 1\n",
+            format!("{rest}retries = 1\nbreaker_failures = 2\nbreaker_open_secs = 1\n"),
         ),
+        ("remote-grpc", "tiny-gap", grpc),
         (
             "remote-slow",
             "tiny-gap-slow",
-            "timeout_ms = 500\nretries = 0\n",
+            format!("{rest}timeout_ms = 500\nretries = 0\n"),
         ),
     ] {
         let pkg = models.join(name);
         std::fs::create_dir_all(&pkg).unwrap();
         std::fs::copy(src.join("model.onnx"), pkg.join("model.onnx")).unwrap();
         let text = manifest.replacen("name = \"tiny-gap\"", &format!("name = \"{name}\""), 1)
-            + &format!(
-                "\n[backend]\nkind = \"kserve-v2\"\nurl = \"http://127.0.0.1:{port}\"\nmodel = \"{served}\"\n{extra}"
-            );
+            + &format!("\n[backend]\nkind = \"kserve-v2\"\nmodel = \"{served}\"\n{extra}");
         std::fs::write(pkg.join("model.toml"), text).unwrap();
     }
     models
@@ -141,44 +143,52 @@ fn packages(dir: &Path, port: u16) -> PathBuf {
 fn kserve_v2_backend_gives_the_local_maps_times_out_and_fails_clearly_while_the_pool_is_down() {
     let dir = tempfile::tempdir().unwrap();
     let repo = repository(dir.path());
-    let port = free_port();
-    let pool = mlserver(&repo, port);
-    let models = packages(dir.path(), port);
+    let (port, grpc_port) = (free_port(), free_port());
+    let pool = mlserver(&repo, port, grpc_port);
+    let models = packages(dir.path(), port, grpc_port);
 
-    // Same input, local ONNX Runtime and the pool: same probabilities, same exact Grad-CAM.
+    // Same input, local ONNX Runtime and the pool over REST and over gRPC: same probabilities,
+    // same exact Grad-CAM.
     let reg = Registry::load(&models, &common::load_options()).unwrap();
-    let remote = reg.image_model(Some("remote-gap")).unwrap();
-    assert_eq!(remote.provider, "kserve-v2");
-    assert_eq!(remote.cam_method(), CamMethod::GradCam);
     let local_reg = common::registry();
     let local = local_reg.image_model(Some("tiny-gap")).unwrap();
-    for img in [
-        "hannover_4d98e1de.jpg",
-        "kermany_person1699_bacteria_4498.jpg",
-    ] {
-        let image = image::open(fixtures().join("images").join(img)).unwrap();
-        let input = local.prepare(&image).unwrap();
-        let (here, there) = (
-            local.infer_blocking(&input).unwrap(),
-            remote.infer_blocking(&input).unwrap(),
-        );
-        let (p_here, class) = local.classify(&here).unwrap();
-        let (p_there, class_there) = remote.classify(&there).unwrap();
-        assert_eq!(class, class_there, "{img}");
-        assert!(
-            max_abs_diff(&p_here, &p_there) < 1e-5,
-            "{img}: probabilities"
-        );
-        for c in 0..3 {
-            let a = local.heatmap(&here, c).unwrap().expect("local map");
-            let b = remote.heatmap(&there, c).unwrap().expect("remote map");
-            assert_eq!(b.method, CamMethod::GradCam);
-            assert_eq!((a.h, a.w), (b.h, b.w));
-            let d = max_abs_diff(&a.data, &b.data);
-            assert!(d < 1e-4, "{img} class {c}: maps differ by {d}");
+    for name in ["remote-gap", "remote-grpc"] {
+        let remote = reg.image_model(Some(name)).unwrap();
+        assert_eq!(remote.provider, "kserve-v2");
+        assert_eq!(remote.cam_method(), CamMethod::GradCam);
+        for img in [
+            "hannover_4d98e1de.jpg",
+            "kermany_person1699_bacteria_4498.jpg",
+        ] {
+            let image = image::open(fixtures().join("images").join(img)).unwrap();
+            let input = local.prepare(&image).unwrap();
+            let (here, there) = (
+                local.infer_blocking(&input).unwrap(),
+                remote.infer_blocking(&input).unwrap(),
+            );
+            let (p_here, class) = local.classify(&here).unwrap();
+            let (p_there, class_there) = remote.classify(&there).unwrap();
+            assert_eq!(class, class_there, "{name} {img}");
+            assert!(
+                max_abs_diff(&p_here, &p_there) < 1e-5,
+                "{name} {img}: probabilities"
+            );
+            for c in 0..3 {
+                let a = local.heatmap(&here, c).unwrap().expect("local map");
+                let b = remote.heatmap(&there, c).unwrap().expect("remote map");
+                assert_eq!(b.method, CamMethod::GradCam);
+                assert_eq!((a.h, a.w), (b.h, b.w));
+                let d = max_abs_diff(&a.data, &b.data);
+                assert!(d < 1e-4, "{name} {img} class {c}: maps differ by {d}");
+            }
         }
+        assert_eq!(
+            remote.batch_stats().samples,
+            2,
+            "{name}: one call per image"
+        );
     }
-    assert_eq!(remote.batch_stats().samples, 2, "one call per image");
+    let remote = reg.image_model(Some("remote-gap")).unwrap();
 
     // A late answer: the 500 ms deadline, no retry, a clear error.
     let slow = reg.image_model(Some("remote-slow")).unwrap();
@@ -242,9 +252,14 @@ fn kserve_v2_backend_gives_the_local_maps_times_out_and_fails_clearly_while_the_
         Err(EngineError::Unavailable(why)) => assert!(why.contains("failing fast"), "{why}"),
         other => panic!("expected the breaker to be open, got {other:?}"),
     }
+    let over_grpc = reg.image_model(Some("remote-grpc")).unwrap();
+    match over_grpc.infer_blocking(&input) {
+        Err(EngineError::Unavailable(why)) => assert!(why.contains("gRPC"), "{why}"),
+        other => panic!("expected the gRPC pool to be unavailable, got {other:?}"),
+    }
 
     // The pool comes back: after the breaker's open second, a trial call closes it.
-    let _pool = mlserver(&repo, port);
+    let _pool = mlserver(&repo, port, grpc_port);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (status, body) = post();

@@ -64,7 +64,11 @@ pub struct BackendSettings {
     /// `local` (ONNX Runtime in this process) or `kserve-v2` (Open Inference Protocol).
     #[serde(default)]
     pub kind: BackendKind,
-    /// Base URL of the serving engine (`kserve-v2`), e.g. `http://triton:8000`.
+    /// `rest` (default) or `grpc`.
+    #[serde(default)]
+    pub protocol: BackendProtocol,
+    /// Base URL of the serving engine (`kserve-v2`): its HTTP port for `rest`, e.g.
+    /// `http://triton:8000`, its gRPC port for `grpc`, e.g. `http://triton:8001` (h2c).
     pub url: Option<String>,
     /// Model name on the serving engine (default: this manifest's `name`).
     pub model: Option<String>,
@@ -82,6 +86,17 @@ pub struct BackendSettings {
     pub token_env: Option<String>,
 }
 
+/// How a `kserve-v2` backend is called.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendProtocol {
+    /// HTTP/REST with JSON tensors.
+    #[default]
+    Rest,
+    /// gRPC (HTTP/2) with protobuf tensors.
+    Grpc,
+}
+
 /// Inference backends.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -89,7 +104,7 @@ pub enum BackendKind {
     /// ONNX Runtime in this process.
     #[default]
     Local,
-    /// A KServe V2 / Open Inference Protocol server over HTTP/REST (Triton, KServe, MLServer).
+    /// A KServe V2 / Open Inference Protocol server (Triton, KServe, MLServer).
     KserveV2,
 }
 

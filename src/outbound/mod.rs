@@ -138,6 +138,23 @@ impl Outbound {
     /// # Errors
     /// A message when an entry, a configured URL or the CA bundle is unusable.
     pub fn new(settings: &OutboundSettings, configured: &[String]) -> Result<Self, String> {
+        Self::build(settings, configured, false)
+    }
+
+    /// [`Self::new`] speaking HTTP/2 only, also over plain `http://` (h2c, prior knowledge):
+    /// the client for gRPC calls ([`Self::grpc_unary`]).
+    ///
+    /// # Errors
+    /// As [`Self::new`].
+    pub fn new_http2(settings: &OutboundSettings, configured: &[String]) -> Result<Self, String> {
+        Self::build(settings, configured, true)
+    }
+
+    fn build(
+        settings: &OutboundSettings,
+        configured: &[String],
+        http2: bool,
+    ) -> Result<Self, String> {
         let mut list = AllowList::default();
         for e in &settings.allow {
             list.push(Allowed::parse(e).map_err(|e| format!("[[outbound.allow]]: {e}"))?);
@@ -163,6 +180,9 @@ impl Outbound {
             {
                 builder = builder.add_root_certificate(cert);
             }
+        }
+        if http2 {
+            builder = builder.http2_prior_knowledge();
         }
         let client = builder.build().map_err(|e| e.to_string())?;
         Ok(Self {
@@ -269,6 +289,90 @@ impl Outbound {
         self.send(&parsed, req, deadline).await
     }
 
+    /// One unary gRPC call: `POST url` (the method's full path) with `message` (an encoded
+    /// protobuf message) framed as gRPC, on a client from [`Self::new_http2`]. The answer's one
+    /// message and its `grpc-status` (from the trailers, or the headers of a trailers-only
+    /// answer), all within `deadline` and the response cap.
+    ///
+    /// # Errors
+    /// [`OutboundError`]; a gRPC failure status is an `Ok` [`GrpcAnswer`] with that status.
+    pub async fn grpc_unary(
+        &self,
+        url: &str,
+        headers: &[(&str, &str)],
+        message: &[u8],
+        deadline: Duration,
+    ) -> Result<GrpcAnswer, OutboundError> {
+        use http_body_util::BodyExt;
+        let parsed = self.check(url)?;
+        let shown = guard::redact(&parsed);
+        let len = u32::try_from(message.len())
+            .map_err(|_| OutboundError::TooLarge(shown.clone(), u32::MAX as usize >> 20))?;
+        let mut framed = Vec::with_capacity(message.len() + 5);
+        framed.push(0); // not compressed
+        framed.extend_from_slice(&len.to_be_bytes());
+        framed.extend_from_slice(message);
+        let mut req = self
+            .client
+            .post(parsed)
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(framed);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let max = self.max_body;
+        let exchange = async {
+            let res = req.send().await.map_err(|e| describe(&shown, &e))?;
+            if !res.status().is_success() {
+                return Err(OutboundError::Transport(
+                    shown.clone(),
+                    format!("HTTP {}", res.status().as_u16()),
+                ));
+            }
+            let res: axum::http::Response<reqwest::Body> = res.into();
+            let (parts, mut body) = res.into_parts();
+            let mut status = grpc_status(&parts.headers);
+            let mut data = bytes::BytesMut::new();
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| describe(&shown, &e))?;
+                match frame.into_data() {
+                    Ok(chunk) => {
+                        if data.len() + chunk.len() > max {
+                            return Err(OutboundError::TooLarge(shown.clone(), max >> 20));
+                        }
+                        data.extend_from_slice(&chunk);
+                    }
+                    Err(frame) => {
+                        if let Some(t) = frame.trailers_ref() {
+                            status = status.or_else(|| grpc_status(t));
+                        }
+                    }
+                }
+            }
+            let message = match data.len() {
+                0 => None,
+                n if n >= 5 && data[0] == 0 => {
+                    let len = u32::from_be_bytes([data[1], data[2], data[3], data[4]]) as usize;
+                    Some(data.freeze().slice(5..(5 + len).min(n)))
+                }
+                _ => {
+                    return Err(OutboundError::Transport(
+                        shown.clone(),
+                        "not a gRPC message (compressed or truncated)".into(),
+                    ))
+                }
+            };
+            Ok(GrpcAnswer {
+                status: status.unwrap_or(2), // no status at all: UNKNOWN
+                message,
+            })
+        };
+        tokio::time::timeout(deadline, exchange)
+            .await
+            .map_err(|_| OutboundError::Timeout(shown.clone(), deadline.as_millis()))?
+    }
+
     async fn send(
         &self,
         url: &reqwest::Url,
@@ -301,6 +405,22 @@ impl Outbound {
             .await
             .map_err(|_| OutboundError::Timeout(shown.clone(), deadline.as_millis()))?
     }
+}
+
+/// The answer of a unary gRPC call.
+#[derive(Debug)]
+pub struct GrpcAnswer {
+    /// `grpc-status` (0 = OK, 4 = DEADLINE_EXCEEDED, 14 = UNAVAILABLE, ...).
+    pub status: u32,
+    /// The one response message, without its frame.
+    pub message: Option<Bytes>,
+}
+
+fn grpc_status(headers: &reqwest::header::HeaderMap) -> Option<u32> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// A transport error as text: the guard's refusal when that was the cause, else the kind of

@@ -1,27 +1,48 @@
-//! Inference on a serving engine over the Open Inference Protocol (KServe V2 REST: Triton,
-//! KServe, MLServer): `POST {url}/v2/models/{model}[/versions/{v}]/infer` with the model input
-//! as an FP32 tensor and the outputs Carina needs (probabilities or logits, and the Grad-CAM
-//! feature map) asked for by name. Calls go through the one outbound client (allow-list,
-//! address guard, response cap, deadline); transient failures are retried with backoff, and a
-//! circuit breaker fails calls fast while the pool is down, so analyses fail clearly (503 for
-//! requests, a retried job for queued work) instead of piling up.
+//! Inference on a serving engine over the Open Inference Protocol (KServe V2: Triton, KServe,
+//! MLServer), over HTTP/REST (`POST {url}/v2/models/{model}[/versions/{v}]/infer`, JSON,
+//! [`rest`]) or gRPC (`inference.GRPCInferenceService/ModelInfer`, protobuf, [`grpc`]): the
+//! model input as an FP32 tensor, the outputs Carina needs (probabilities or logits, and the
+//! Grad-CAM feature map) asked for by name. Calls go through the one outbound client
+//! (allow-list, address guard, response cap, deadline); transient failures are retried with
+//! backoff, and a circuit breaker fails calls fast while the pool is down, so analyses fail
+//! clearly (503 for requests, a retried job for queued work) instead of piling up.
+
+mod grpc;
+mod rest;
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
-use serde::{Deserialize, Serialize};
-
 use super::engine::{BatchStats, EngineError, FloatTensor, Outputs};
-use super::manifest::BackendSettings;
+use super::manifest::{BackendProtocol, BackendSettings};
 use crate::outbound::{Outbound, OutboundSettings};
+
+/// An output tensor as a protocol decoded it, before the checks.
+pub(super) struct Tensor {
+    name: String,
+    datatype: String,
+    shape: Vec<usize>,
+    data: Vec<f32>,
+}
+
+/// Where and how calls go.
+enum Protocol {
+    /// The REST endpoint's full URL.
+    Rest { url: String },
+    /// The gRPC method's full URL, and the model as the request names it.
+    Grpc {
+        url: String,
+        model: String,
+        version: String,
+    },
+}
 
 /// A KServe V2 model endpoint.
 pub struct RemoteEngine {
     outbound: Outbound,
-    infer_url: String,
+    protocol: Protocol,
     shown: String,
     input_name: String,
     outputs: Vec<String>,
@@ -86,94 +107,6 @@ impl Breaker {
     }
 }
 
-#[derive(Serialize)]
-struct InferRequest<'a> {
-    inputs: [RequestInput<'a>; 1],
-    outputs: Vec<RequestOutput<'a>>,
-}
-
-#[derive(Serialize)]
-struct RequestInput<'a> {
-    name: &'a str,
-    shape: &'a [usize],
-    datatype: &'static str,
-    data: &'a [f32],
-}
-
-#[derive(Serialize)]
-struct RequestOutput<'a> {
-    name: &'a str,
-}
-
-#[derive(Deserialize)]
-struct InferResponse {
-    outputs: Vec<ResponseOutput>,
-}
-
-#[derive(Deserialize)]
-struct ResponseOutput {
-    name: String,
-    shape: Vec<usize>,
-    datatype: String,
-    data: Flat,
-}
-
-/// Tensor data as the protocol allows it in JSON: row-major, flat or nested.
-struct Flat(Vec<f32>);
-
-impl<'de> Deserialize<'de> for Flat {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let mut out = Vec::new();
-        d.deserialize_seq(Sink(&mut out))?;
-        Ok(Flat(out))
-    }
-}
-
-/// Appends every number of a (nested) array, without buffering the elements.
-struct Sink<'v>(&'v mut Vec<f32>);
-
-impl<'de> DeserializeSeed<'de> for Sink<'_> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Sink<'_> {
-    type Value = ();
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("an array of numbers, flat or nested")
-    }
-    fn visit_f64<E>(self, v: f64) -> Result<(), E> {
-        self.0.push(v as f32);
-        Ok(())
-    }
-    fn visit_i64<E>(self, v: i64) -> Result<(), E> {
-        self.0.push(v as f32);
-        Ok(())
-    }
-    fn visit_u64<E>(self, v: u64) -> Result<(), E> {
-        self.0.push(v as f32);
-        Ok(())
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while seq.next_element_seed(Sink(self.0))?.is_some() {}
-        Ok(())
-    }
-    /// serde_json with `arbitrary_precision` (a dependency turns it on) hands numbers to
-    /// `deserialize_any` as a one-entry map holding the number's text.
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let Some((_, text)) = map.next_entry::<serde::de::IgnoredAny, String>()? else {
-            return Err(serde::de::Error::custom("an empty object is not a number"));
-        };
-        let v: f64 = text
-            .parse()
-            .map_err(|_| serde::de::Error::custom(format!("'{text}' is not a number")))?;
-        self.0.push(v as f32);
-        Ok(())
-    }
-}
-
 /// What one attempt gave.
 enum Attempt {
     Done(Outputs),
@@ -202,11 +135,31 @@ impl RemoteEngine {
             .as_deref()
             .ok_or("[backend] needs `url`")?
             .trim_end_matches('/');
-        let client = Outbound::new(outbound, &[base.to_string()])?;
         let model = settings.model.as_deref().unwrap_or(name);
-        let path = match &settings.version {
-            Some(v) => format!("/v2/models/{model}/versions/{v}/infer"),
-            None => format!("/v2/models/{model}/infer"),
+        let (client, protocol) = match settings.protocol {
+            BackendProtocol::Rest => {
+                let path = match &settings.version {
+                    Some(v) => format!("/v2/models/{model}/versions/{v}/infer"),
+                    None => format!("/v2/models/{model}/infer"),
+                };
+                let url = format!("{base}{path}");
+                (
+                    Outbound::new(outbound, &[base.to_string()])?,
+                    Protocol::Rest { url },
+                )
+            }
+            BackendProtocol::Grpc => (
+                Outbound::new_http2(outbound, &[base.to_string()])?,
+                Protocol::Grpc {
+                    url: format!("{base}{}", grpc::MODEL_INFER),
+                    model: model.to_string(),
+                    version: settings.version.clone().unwrap_or_default(),
+                },
+            ),
+        };
+        let how = match settings.protocol {
+            BackendProtocol::Rest => "REST",
+            BackendProtocol::Grpc => "gRPC",
         };
         let token = match &settings.token_env {
             Some(var) => Some(
@@ -217,8 +170,8 @@ impl RemoteEngine {
         };
         Ok(Self {
             outbound: client,
-            infer_url: format!("{base}{path}"),
-            shown: format!("kserve-v2 model '{model}' at {base}"),
+            protocol,
+            shown: format!("kserve-v2 model '{model}' at {base} ({how})"),
             input_name: input_name.to_string(),
             outputs,
             token,
@@ -259,20 +212,13 @@ impl RemoteEngine {
                 self.shown
             )));
         }
-        let body = serde_json::to_vec(&InferRequest {
-            inputs: [RequestInput {
-                name: &self.input_name,
-                shape: &input.shape,
-                datatype: "FP32",
-                data: &input.data,
-            }],
-            outputs: self
-                .outputs
-                .iter()
-                .map(|name| RequestOutput { name })
-                .collect(),
-        })
-        .map_err(|e| EngineError::Run(e.to_string()))?;
+        let body = match &self.protocol {
+            Protocol::Rest { .. } => rest::encode(&self.input_name, &input, &self.outputs)
+                .map_err(|e| EngineError::Run(format!("{}: {e}", self.shown)))?,
+            Protocol::Grpc { model, version, .. } => {
+                grpc::encode(model, version, &self.input_name, &input, &self.outputs)
+            }
+        };
         let body = bytes::Bytes::from(body);
         let mut delay = Duration::from_millis(100);
         let mut attempt = 0;
@@ -307,63 +253,79 @@ impl RemoteEngine {
 
     async fn attempt(&self, body: bytes::Bytes) -> Attempt {
         let bearer = self.token.as_ref().map(|t| format!("Bearer {t}"));
-        let mut headers = vec![("content-type", "application/json")];
+        let mut headers = Vec::new();
         if let Some(b) = &bearer {
             headers.push(("authorization", b.as_str()));
         }
-        let answer = match self
-            .outbound
-            .post(&self.infer_url, &headers, body, self.timeout)
-            .await
-        {
-            Ok(a) => a,
-            Err(e) if e.transient() => return Attempt::Transient(e.to_string()),
-            Err(e) => return Attempt::Fatal(e.to_string()),
+        let decoded = match &self.protocol {
+            Protocol::Rest { url } => {
+                headers.push(("content-type", "application/json"));
+                let answer = match self.outbound.post(url, &headers, body, self.timeout).await {
+                    Ok(a) => a,
+                    Err(e) => return failed(&e),
+                };
+                let status = answer.status.as_u16();
+                if !answer.status.is_success() {
+                    let why = format!("HTTP {status}");
+                    return if matches!(status, 429 | 502 | 503 | 504) {
+                        Attempt::Transient(why)
+                    } else {
+                        Attempt::Fatal(why)
+                    };
+                }
+                rest::decode(&answer.body)
+            }
+            Protocol::Grpc { url, .. } => {
+                let answer = match self
+                    .outbound
+                    .grpc_unary(url, &headers, &body, self.timeout)
+                    .await
+                {
+                    Ok(a) => a,
+                    Err(e) => return failed(&e),
+                };
+                match (answer.status, answer.message) {
+                    (0, Some(m)) => grpc::decode(&m),
+                    (0, None) => Err("gRPC status OK without a message".into()),
+                    // DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, UNAVAILABLE
+                    (s @ (4 | 8 | 14), _) => return Attempt::Transient(format!("gRPC status {s}")),
+                    (s, _) => return Attempt::Fatal(format!("gRPC status {s}")),
+                }
+            }
         };
-        let status = answer.status.as_u16();
-        if !answer.status.is_success() {
-            let why = format!("HTTP {status}");
-            return if matches!(status, 429 | 502 | 503 | 504) {
-                Attempt::Transient(why)
-            } else {
-                Attempt::Fatal(why)
-            };
-        }
-        match self.decode(&answer.body) {
+        match decoded.and_then(|tensors| self.check(tensors)) {
             Ok(out) => Attempt::Done(out),
             Err(why) => Attempt::Fatal(why),
         }
     }
 
     /// The outputs asked for, checked for datatype and shape.
-    fn decode(&self, body: &[u8]) -> Result<Outputs, String> {
-        let res: InferResponse =
-            serde_json::from_slice(body).map_err(|e| format!("not a V2 inference answer: {e}"))?;
+    fn check(&self, tensors: Vec<Tensor>) -> Result<Outputs, String> {
         let mut out = Outputs::new();
-        for o in res.outputs {
-            if !self.outputs.contains(&o.name) {
+        for t in tensors {
+            if !self.outputs.contains(&t.name) {
                 continue;
             }
-            if !matches!(o.datatype.as_str(), "FP32" | "FP64" | "FP16") {
+            if !matches!(t.datatype.as_str(), "FP32" | "FP64" | "FP16") {
                 return Err(format!(
                     "output '{}' is {}, not a float",
-                    o.name, o.datatype
+                    t.name, t.datatype
                 ));
             }
-            let n: usize = o.shape.iter().product();
-            if n != o.data.0.len() {
+            let n: usize = t.shape.iter().product();
+            if n != t.data.len() {
                 return Err(format!(
                     "output '{}' has shape {:?} but {} values",
-                    o.name,
-                    o.shape,
-                    o.data.0.len()
+                    t.name,
+                    t.shape,
+                    t.data.len()
                 ));
             }
             out.insert(
-                o.name,
+                t.name,
                 FloatTensor {
-                    shape: o.shape,
-                    data: o.data.0,
+                    shape: t.shape,
+                    data: t.data,
                 },
             );
         }
@@ -374,18 +336,18 @@ impl RemoteEngine {
     }
 }
 
+/// An outbound failure as an attempt's outcome.
+fn failed(e: &crate::outbound::OutboundError) -> Attempt {
+    if e.transient() {
+        Attempt::Transient(e.to_string())
+    } else {
+        Attempt::Fatal(e.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tensor_data_may_be_flat_or_nested() {
-        let flat: Flat = serde_json::from_str("[1, 2.5, -3]").unwrap();
-        assert_eq!(flat.0, vec![1.0, 2.5, -3.0]);
-        let nested: Flat = serde_json::from_str("[[1, 2], [3, [4, 5]]]").unwrap();
-        assert_eq!(nested.0, vec![1.0, 2.0, 3.0, 4.0, 5.0]);
-        assert!(serde_json::from_str::<Flat>("[1, \"x\"]").is_err());
-    }
 
     #[test]
     fn breaker_opens_after_repeated_failures_and_a_success_closes_it() {
