@@ -7,7 +7,8 @@
 # The ResNet-18 package (11 M parameters): bench/make_bench_models.sh, then pass
 # /tmp/bench-models/resnet18. Env: IMAGES (folder; default the 512 px CXR JPEGs), PATHS,
 # ROUNDS, SERVERS ("carina peer"), TAG (stored in each line, e.g. the settings tried);
-# CARINA_* settings (e.g. CARINA_CPU_WORKERS) reach Carina from the environment.
+# CARINA_* settings (e.g. CARINA_CPU_WORKERS) reach Carina from the environment; CARINA_BIN
+# (a built binary) skips the release build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PKG=${1:-models/cxr-resnet-small}
@@ -36,8 +37,8 @@ SERVERS=${SERVERS:-"carina peer"}
 if [[ " $SERVERS " == *" carina "* ]]; then
 # Carina (release build), models folder holding only this package
 mkdir -p "$tmp/models"; cp -r "$PKG" "$tmp/models/"
-cargo build --release --quiet
-./target/release/carina serve --http 127.0.0.1:8081 --models "$tmp/models" --data-dir "$tmp/data" >"$tmp/carina.log" 2>&1 &
+if [ -z "${CARINA_BIN:-}" ]; then cargo build --release --quiet; fi
+"${CARINA_BIN:-./target/release/carina}" serve --http 127.0.0.1:8081 --models "$tmp/models" --data-dir "$tmp/data" >"$tmp/carina.log" 2>&1 &
 pid=$!; trap 'kill $pid 2>/dev/null || true' EXIT
 wait_up http://127.0.0.1:8081/readyz
 for p in $PATHS; do run_load carina "$pid" 8081 "$p"; done
