@@ -345,6 +345,11 @@ fn check_nesting(body: &[u8]) -> Result<(), ParseError> {
     let mut max: usize = 0;
     let mut i = 0;
     while i + 4 <= body.len() {
+        // every pattern starts with 0xFE or 0xFF: jump to the next such byte
+        match memchr::memchr2(0xFE, 0xFF, &body[i..body.len() - 3]) {
+            Some(skip) => i += skip,
+            None => break,
+        }
         match &body[i..i + 4] {
             // item start, little or (retired) big endian
             [0xFE, 0xFF, 0x00, 0xE0] | [0xFF, 0xFE, 0xE0, 0x00] => {

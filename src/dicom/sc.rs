@@ -361,7 +361,9 @@ pub fn burn_in(img: &RgbImage, lines: &[&str]) -> RgbImage {
     let line_h = 9 * scale;
     let band = line_h * lines.len() as u32 + 2 * scale;
     let mut out = RgbImage::new(w, h + band);
-    image::imageops::replace(&mut out, img, 0, i64::from(band));
+    // same width: the image is one contiguous copy below the band
+    let start = band as usize * w as usize * 3;
+    out.as_mut()[start..start + img.as_raw().len()].copy_from_slice(img.as_raw());
     let ink = Rgb([255, 255, 0]);
     for (row, line) in lines.iter().enumerate() {
         let y0 = scale + row as u32 * line_h + scale;
@@ -396,11 +398,12 @@ mod tests {
 
     #[test]
     fn burned_in_band_sits_above_the_picture() {
-        let img = RgbImage::from_pixel(300, 100, Rgb([10, 20, 30]));
+        let img = RgbImage::from_fn(300, 100, |x, y| Rgb([x as u8, y as u8, (x ^ y) as u8]));
         let out = burn_in(&img, &["AI RESULT - NOT FOR DIAGNOSIS"]);
         assert!(out.height() > 100);
         let band = out.height() - 100;
-        assert_eq!(out.get_pixel(5, band + 5), &Rgb([10, 20, 30]));
+        let below = image::imageops::crop_imm(&out, 0, band, 300, 100).to_image();
+        assert!(below == img, "the picture is copied whole below the band");
         let yellow = (0..band)
             .flat_map(|y| (0..300).map(move |x| (x, y)))
             .filter(|&(x, y)| out.get_pixel(x, y) == &Rgb([255, 255, 0]))

@@ -443,20 +443,22 @@ fn min_max_8bit(
             (lo.min(*x), hi.max(*x))
         });
     let range = hi - lo;
+    let scale = if range > 0.0 { 255.0 / range } else { 0.0 };
     let (w, h) = (pixels.columns(), pixels.rows());
-    let img = GrayImage::from_fn(w, h, |x, y| {
-        let p = v.get((y * w + x) as usize).copied().unwrap_or(lo);
-        let mut g = if range > 0.0 {
-            (p - lo) / range * 255.0
-        } else {
-            0.0
-        };
-        if monochrome1 {
-            g = 255.0 - g;
-        }
-        image::Luma([(g + 0.5).floor().clamp(0.0, 255.0) as u8])
-    });
-    Ok(DynamicImage::ImageLuma8(img))
+    let n = w as usize * h as usize;
+    // g + 0.5 is never negative after the clamp, so the cast's truncation is the floor
+    // (without a libm call per pixel)
+    let gray: Vec<u8> = (0..n)
+        .map(|i| {
+            let p = v.get(i).copied().unwrap_or(lo);
+            let g = (p - lo) * scale;
+            let g = if monochrome1 { 255.0 - g } else { g };
+            (g + 0.5).clamp(0.0, 255.0) as u8
+        })
+        .collect();
+    GrayImage::from_raw(w, h, gray)
+        .map(DynamicImage::ImageLuma8)
+        .ok_or_else(|| DecodeError::Pixels("frame size overflow".into()))
 }
 
 /// PALETTE COLOR (PS3.3 C.7.6.3.1.5): each stored index looks up the red, green and blue
