@@ -312,8 +312,9 @@ impl RemoteEngine {
                     t.name, t.datatype
                 ));
             }
-            let n: usize = t.shape.iter().product();
-            if n != t.data.len() {
+            // a server's shape may be anything: an overflowing product is a mismatch, not a panic
+            let n = t.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+            if n != Some(t.data.len()) {
                 return Err(format!(
                     "output '{}' has shape {:?} but {} values",
                     t.name,
