@@ -185,6 +185,7 @@ async fn plan(
                 id,
                 body,
                 if_match,
+                fresh: method == "POST",
             }))
         }
         "GET" => match url.split_once('/') {

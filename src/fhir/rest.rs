@@ -108,6 +108,7 @@ pub async fn create(
         id,
         body,
         if_match: None,
+        fresh: true,
     };
     one(store.fhir_write_then(vec![write], plan).await?)
 }
@@ -148,6 +149,7 @@ pub async fn update(
         id: id.to_string(),
         body,
         if_match,
+        fresh: false,
     };
     one(store.fhir_write_then(vec![write], plan).await?)
 }

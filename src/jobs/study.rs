@@ -396,6 +396,7 @@ async fn store_report(
             id,
             body: r,
             if_match: None,
+            fresh: false,
         });
     }
     Ok(jobs.store.fhir_write(writes).await?)

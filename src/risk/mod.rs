@@ -329,6 +329,7 @@ fn write(body: Value) -> Write {
         id: body["id"].as_str().unwrap_or("").to_string(),
         body,
         if_match: None,
+        fresh: false,
     }
 }
 

@@ -94,6 +94,9 @@ pub struct Write {
     pub body: Value,
     /// `If-Match` version, when the client gave one.
     pub if_match: Option<i64>,
+    /// The id was generated for this write (a create): no version of it can exist yet, so the
+    /// store does not look for one (three statements fewer per resource).
+    pub fresh: bool,
 }
 
 /// A stored version.
@@ -165,9 +168,11 @@ impl Store {
         let now = instant(chrono::Utc::now());
         let mut tx = self.begin_write().await?;
         let mut out = Vec::with_capacity(writes.len());
+        let mut index = Vec::new();
         for w in writes {
-            out.push(write_one(&mut tx, w, &now).await?);
+            out.push(write_one(&mut tx, w, &now, &mut index).await?);
         }
+        insert_index(&mut tx, &index).await?;
         // the AuditEvent of the change, in the change's transaction
         if let Some(actor) = crate::audit::current() {
             let created = out.iter().all(|s| s.created);
@@ -196,6 +201,7 @@ impl Store {
             jobs.extend(self.insert_or_find_job(&mut tx, &job).await?);
         }
         tx.commit().await?;
+        self.wrote_fhir(out.len());
         Ok(Written { stored: out, jobs })
     }
 
@@ -212,6 +218,7 @@ impl Store {
         now: &str,
     ) -> Result<(), StoreError> {
         let body = crate::audit::resource(event, actor);
+        let mut index = Vec::new();
         let stored = write_one(
             conn,
             Write {
@@ -219,10 +226,13 @@ impl Store {
                 id: uuid::Uuid::new_v4().to_string(),
                 body,
                 if_match: None,
+                fresh: true,
             },
             now,
+            &mut index,
         )
         .await?;
+        insert_index(conn, &index).await?;
         crate::audit::forward(&stored.body);
         Ok(())
     }
@@ -290,22 +300,21 @@ impl Store {
         resource_type: &str,
         q: &SearchQuery,
     ) -> Result<(i64, Vec<Stored>), StoreError> {
-        let mut count = Sql::new(
-            "SELECT COUNT(*) FROM fhir_resources r WHERE r.is_current = 1 AND r.resource_type = ",
-        );
-        count.bind(resource_type.to_string());
-        push_where(&mut count, q);
+        let mut count = Sql::new("SELECT COUNT(*) FROM ");
+        push_matches(&mut count, resource_type, q);
         let total: i64 = count.fetch_scalar(&self.pool).await?;
-        let mut page = Sql::new(
-            "SELECT r.id, r.version_id, r.last_updated, r.body FROM fhir_resources r \
-             WHERE r.is_current = 1 AND r.resource_type = ",
-        );
-        page.bind(resource_type.to_string());
-        push_where(&mut page, q);
+        // the page's keys first (ordered and cut from the index rows), then only their bodies
+        let mut page = Sql::new("SELECT f.id, f.version_id, f.last_updated, f.body FROM (SELECT r.id, r.version_id FROM ");
+        push_matches(&mut page, resource_type, q);
         page.push(" ORDER BY r.last_updated DESC, r.id LIMIT ");
         page.bind(i64::from(q.count));
         page.push(" OFFSET ");
         page.bind(i64::from(q.offset));
+        page.push(") p CROSS JOIN fhir_resources f WHERE f.resource_type = ");
+        page.bind(resource_type.to_string());
+        page.push(
+            " AND f.id = p.id AND f.version_id = p.version_id ORDER BY f.last_updated DESC, f.id",
+        );
         let rows = page.fetch_all(&self.pool).await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
@@ -354,28 +363,83 @@ impl Store {
     }
 }
 
-/// Appends ` AND (…)` for each clause of `q`.
-fn push_where(b: &mut Sql, q: &SearchQuery) {
-    for clause in &q.clauses {
+/// Appends `fhir_resources r WHERE <conditions>`: the current resources of `resource_type`
+/// that match `q`. When `q` has clauses on indexed parameters, the ids of one of them come from
+/// the index (`r.id IN (<lookups of its OR'd values>)`), each candidate is checked against the
+/// others through its own index rows, and `+r.is_current` keeps SQLite from walking every
+/// current resource of the type (its index on `is_current`) and testing each against the set
+/// instead of looking the set's ids up: a search costs what it matches (before: 80 ms for no
+/// match among 57 000 Observations on SQLite; a correlated `EXISTS` per row, 2.4 s for 3 670 on
+/// PostgreSQL).
+fn push_matches(b: &mut Sql, resource_type: &str, q: &SearchQuery) {
+    let (indexed, other): (Vec<&Vec<Cond>>, Vec<&Vec<Cond>>) = q
+        .clauses
+        .iter()
+        .partition(|c| !c.is_empty() && c.iter().all(|c| index_param(c).is_some()));
+    b.push("fhir_resources r WHERE r.resource_type = ");
+    b.bind(resource_type.to_string());
+    // the clause whose ids are looked up: a reference or token (a patient, a code) rather than
+    // a date range, which can match most of the store
+    let driver = indexed
+        .iter()
+        .position(|c| !matches!(c[0], Cond::Date { .. }))
+        .unwrap_or(0);
+    match indexed.get(driver) {
+        None => {
+            b.push(" AND r.is_current = 1");
+        }
+        Some(clause) => {
+            b.push(" AND +r.is_current = 1 AND r.id IN (");
+            for (i, cond) in clause.iter().enumerate() {
+                if i > 0 {
+                    b.push(" UNION ALL ");
+                }
+                push_index_select(b, resource_type, cond);
+            }
+            b.push(")");
+        }
+    }
+    // the other indexed clauses are checked on each candidate through its own index rows
+    // (`param || ''` keeps SQLite on the (resource_type, id) index there)
+    for (_, clause) in indexed.iter().enumerate().filter(|(k, _)| *k != driver) {
+        b.push(
+            " AND EXISTS (SELECT 1 FROM fhir_index i WHERE i.resource_type = r.resource_type \
+             AND i.id = r.id AND (",
+        );
+        for (i, cond) in clause.iter().enumerate() {
+            if i > 0 {
+                b.push(" OR ");
+            }
+            b.push("(");
+            push_index_predicate(b, cond, "(i.param || '')");
+            b.push(")");
+        }
+        b.push("))");
+    }
+    for clause in other {
         b.push(" AND (");
         for (i, cond) in clause.iter().enumerate() {
             if i > 0 {
                 b.push(" OR ");
             }
-            push_cond(b, cond);
+            push_cond(b, resource_type, cond);
         }
         b.push(")");
     }
 }
 
-fn push_cond(b: &mut Sql, cond: &Cond) {
-    let exists = |b: &mut Sql, param: &str| {
-        b.push(
-            "EXISTS (SELECT 1 FROM fhir_index i WHERE i.resource_type = r.resource_type \
-             AND i.id = r.id AND i.param = ",
-        );
-        b.bind(param.to_string());
-    };
+/// The `fhir_index` parameter a condition looks up (`None` for `_id` and `_lastUpdated`, which
+/// are columns of the resource row).
+fn index_param(cond: &Cond) -> Option<&'static str> {
+    match cond {
+        Cond::Token { param, .. } | Cond::Reference { param, .. } | Cond::Date { param, .. } => {
+            Some(param)
+        }
+        Cond::Id(_) | Cond::LastUpdated(..) => None,
+    }
+}
+
+fn push_cond(b: &mut Sql, resource_type: &str, cond: &Cond) {
     match cond {
         Cond::Id(id) => {
             b.push("r.id = ");
@@ -385,12 +449,36 @@ fn push_cond(b: &mut Sql, cond: &Cond) {
             // a lastUpdated instant t is the range [t, t]: compare as start = end = t
             push_range(b, "r.last_updated", "r.last_updated", *prefix, lo, hi, true);
         }
-        Cond::Token {
-            param,
-            system,
-            code,
-        } => {
-            exists(b, param);
+        Cond::Token { .. } | Cond::Reference { .. } | Cond::Date { .. } => {
+            b.push("r.id IN (");
+            push_index_select(b, resource_type, cond);
+            b.push(")");
+        }
+    }
+}
+
+/// `SELECT i.id FROM fhir_index i WHERE …`: the ids of the current resources of
+/// `resource_type` with an index row matching `cond` (an index condition).
+fn push_index_select(b: &mut Sql, resource_type: &str, cond: &Cond) {
+    b.push("SELECT i.id FROM fhir_index i WHERE i.resource_type = ");
+    b.bind(resource_type.to_string());
+    b.push(" AND ");
+    push_index_predicate(b, cond, "i.param");
+}
+
+/// `<param column> = … AND <value conditions>` of an index condition over `fhir_index i`.
+fn push_index_predicate(b: &mut Sql, cond: &Cond, param_column: &str) {
+    let Some(param) = index_param(cond) else {
+        return;
+    };
+    b.push(format!("{param_column} = "));
+    b.bind(param.to_string());
+    match cond {
+        Cond::Token { system, code, .. } => {
+            if let Some(c) = code {
+                b.push(" AND i.value = ");
+                b.bind(c.clone());
+            }
             match system {
                 Some(Some(s)) => {
                     b.push(" AND i.system = ");
@@ -401,29 +489,16 @@ fn push_cond(b: &mut Sql, cond: &Cond) {
                 }
                 None => {}
             }
-            if let Some(c) = code {
-                b.push(" AND i.value = ");
-                b.bind(c.clone());
-            }
-            b.push(")");
         }
-        Cond::Reference { param, value } => {
-            exists(b, param);
+        Cond::Reference { value, .. } => {
             b.push(" AND i.value = ");
             b.bind(value.clone());
-            b.push(")");
         }
-        Cond::Date {
-            param,
-            prefix,
-            lo,
-            hi,
-        } => {
-            exists(b, param);
+        Cond::Date { prefix, lo, hi, .. } => {
             b.push(" AND ");
             push_range(b, "i.value", "i.value_hi", *prefix, lo, hi, false);
-            b.push(")");
         }
+        Cond::Id(_) | Cond::LastUpdated(..) => {}
     }
 }
 
@@ -567,19 +642,28 @@ impl Store {
     }
 }
 
-/// One new version of a resource with its search index, inside `conn`'s transaction.
+/// One index row waiting to be written: resource type, id, row.
+type IndexRow = (String, String, Entry);
+
+/// One new version of a resource inside `conn`'s transaction; its search index rows are added
+/// to `index` (written by [`insert_index`] once the transaction's resources are in).
 async fn write_one(
     conn: &mut sqlx::AnyConnection,
     mut w: Write,
     now: &str,
+    index: &mut Vec<IndexRow>,
 ) -> Result<Stored, StoreError> {
-    let current: Option<i64> = sqlx::query_scalar(
+    let current: Option<i64> = if w.fresh {
+        None
+    } else {
+        sqlx::query_scalar(
             "SELECT version_id FROM fhir_resources WHERE resource_type = $1 AND id = $2 AND is_current = 1",
         )
         .bind(&w.resource_type)
         .bind(&w.id)
         .fetch_optional(&mut *conn)
-        .await?;
+        .await?
+    };
     if let Some(want) = w.if_match {
         if current != Some(want) {
             return Err(StoreError::Conflict(format!(
@@ -601,13 +685,22 @@ async fn write_one(
             m.insert("lastUpdated".into(), Value::String(now.to_string()));
         }
     }
-    sqlx::query(
+    if !w.fresh {
+        sqlx::query(
             "UPDATE fhir_resources SET is_current = 0 WHERE resource_type = $1 AND id = $2 AND is_current = 1",
         )
         .bind(&w.resource_type)
         .bind(&w.id)
         .execute(&mut *conn)
         .await?;
+        sqlx::query("DELETE FROM fhir_index WHERE resource_type = $1 AND id = $2")
+            .bind(&w.resource_type)
+            .bind(&w.id)
+            .execute(&mut *conn)
+            .await?;
+        // an earlier version written in this same transaction is no longer current either
+        index.retain(|(t, id, _)| !(t == &w.resource_type && id == &w.id));
+    }
     sqlx::query(
             "INSERT INTO fhir_resources (resource_type, id, version_id, last_updated, is_current, body) \
              VALUES ($1, $2, $3, $4, 1, $5)",
@@ -626,30 +719,11 @@ async fn write_one(
             )),
             _ => StoreError::Db(e),
         })?;
-    sqlx::query("DELETE FROM fhir_index WHERE resource_type = $1 AND id = $2")
-        .bind(&w.resource_type)
-        .bind(&w.id)
-        .execute(&mut *conn)
-        .await?;
-    for Entry {
-        param,
-        system,
-        value,
-        value_hi,
-    } in index::extract(&w.resource_type, &w.body)
-    {
-        sqlx::query(
-                "INSERT INTO fhir_index (resource_type, id, param, system, value, value_hi) VALUES ($1, $2, $3, $4, $5, $6)",
-            )
-            .bind(&w.resource_type)
-            .bind(&w.id)
-            .bind(param)
-            .bind(system)
-            .bind(value)
-            .bind(value_hi)
-            .execute(&mut *conn)
-            .await?;
-    }
+    index.extend(
+        index::extract(&w.resource_type, &w.body)
+            .into_iter()
+            .map(|e| (w.resource_type.clone(), w.id.clone(), e)),
+    );
     Ok(Stored {
         resource_type: w.resource_type,
         id: w.id,
@@ -658,4 +732,34 @@ async fn write_one(
         created: current.is_none(),
         body: w.body,
     })
+}
+
+/// Index rows per `INSERT` (6 values each: well under SQLite's and PostgreSQL's bind limits).
+const INDEX_ROWS_PER_INSERT: usize = 256;
+
+/// Writes search index rows, many per statement (one round trip per 256 rows on PostgreSQL
+/// instead of one per row).
+async fn insert_index(conn: &mut sqlx::AnyConnection, rows: &[IndexRow]) -> Result<(), StoreError> {
+    for chunk in rows.chunks(INDEX_ROWS_PER_INSERT) {
+        let mut q = Sql::new(
+            "INSERT INTO fhir_index (resource_type, id, param, system, value, value_hi) VALUES ",
+        );
+        for (k, (rt, id, e)) in chunk.iter().enumerate() {
+            q.push(if k == 0 { "(" } else { ", (" });
+            q.bind(rt.clone());
+            q.push(", ");
+            q.bind(id.clone());
+            q.push(", ");
+            q.bind(e.param.to_string());
+            q.push(", ");
+            q.bind(e.system.clone());
+            q.push(", ");
+            q.bind(e.value.clone());
+            q.push(", ");
+            q.bind(e.value_hi.clone());
+            q.push(")");
+        }
+        q.execute(&mut *conn).await?;
+    }
+    Ok(())
 }

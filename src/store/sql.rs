@@ -95,6 +95,22 @@ impl Sql {
             .await
     }
 
+    /// Runs the statement on `conn` (e.g. inside a transaction), returning the rows affected.
+    /// Not kept in the connection's statement cache: built statements vary in length.
+    ///
+    /// # Errors
+    /// As [`Self::fetch_all`].
+    pub async fn execute(self, conn: &mut sqlx::AnyConnection) -> Result<u64, sqlx::Error> {
+        if let Some(e) = self.failed {
+            return Err(sqlx::Error::Encode(e.into()));
+        }
+        Ok(sqlx::query_with(AssertSqlSafe(self.text), self.args)
+            .persistent(false)
+            .execute(conn)
+            .await?
+            .rows_affected())
+    }
+
     /// Runs the statement, returning its single scalar.
     ///
     /// # Errors
