@@ -328,7 +328,7 @@ def cmd_run(a):
     else:
         t0, t1, failed, errors = run_cstore(a, files, a.logdir)
     secs = t1 - t0
-    stored = stored_count(a)
+    stored = stored_count(a) - a.stored_before
     line = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_id": a.run_id, "server": a.server,
         "version": a.version, "mode": a.mode, "clients": a.clients,
@@ -336,7 +336,7 @@ def cmd_run(a):
                    % (dicomweb_version(), a.batch)) if a.mode == "stow"
         else "dcmtk storescu, 1 association per process",
         "analysis": None if a.analysis == "none" else a.analysis,
-        "n": len(files), "stored": stored, "failed": (len(files) - stored) if failed is None
+        "n": len(files), "stored": stored, "stored_before": a.stored_before, "failed": (len(files) - stored) if failed is None
         else failed, "bytes": nbytes,
         "seconds": round(secs, 3), "inst_per_s": round(len(files) / secs, 1),
         "mb_per_s": round(nbytes / 1e6 / secs, 1),
@@ -428,6 +428,8 @@ def main():
     s.add_argument("--out", required=True)
     s.add_argument("--run-id", required=True)
     s.add_argument("--env", default="")
+    s.add_argument("--stored-before", type=int, default=0,
+                   help="instances the server held before this run (PRELOAD)")
     s.set_defaults(fn=cmd_run)
     s = sub.add_parser("table")
     s.add_argument("--out", required=True)

@@ -21,6 +21,10 @@
 # count in ASSOCS. The clock runs from the first request to the last acknowledgement; with
 # analysis on, "all analysed" runs from the same start until no analysis job is queued or
 # running (polling /metrics every 0.1 s).
+# PRELOAD (0): before each measurement, that many single-instance studies (fresh UIDs, same
+#   file) are stored into the fresh server over 4 associations, so the measured N arrive at a
+#   store already holding PRELOAD studies (their own lines: run_id <RUN_ID>-preload); needs
+#   ANALYSIS=off for Carina. `PRELOAD=10000 N=300 ANALYSIS=off bash bench/ingest.sh`.
 # Env: N (300), STOW_CLIENTS (4), ASSOCS ("1 4"), BATCH (1), PER_STUDY (30),
 #   SERVERS ("carina orthanc"), MODES ("stow cstore"), ANALYSIS ("off on", Carina only),
 #   FSYNC_SECONDS (3), PY (.venv/bin/python), CARINA_BIN (target/release/carina),
@@ -51,6 +55,10 @@ SRC=${SRC:-../shared/data/dicom/derived_DX_covid_hannover.dcm}
 OUT=${OUT:-bench/results/ingest-$(date +%F).jsonl}
 RUN_ID=${RUN_ID:-ingest-$(date +%Y%m%dT%H%M%S)-$$}
 H="$PY bench/ingest.py"
+PRELOAD=${PRELOAD:-0}
+if [ "$PRELOAD" -gt 0 ] && [[ " $ANALYSIS " == *" on "* ]]; then
+  echo "ingest.sh: PRELOAD needs ANALYSIS=off (the preloaded studies would be analysed first)" >&2; exit 1
+fi
 
 for tool in storescu Orthanc curl; do
   command -v "$tool" >/dev/null || { echo "ingest.sh: $tool not found" >&2; exit 1; }
@@ -71,6 +79,10 @@ trap cleanup EXIT
 
 echo "== $N instances from $SRC -> $WORK/files" >&2
 $H gen --src "$SRC" --out "$WORK/files" --n "$N" --per-study "$PER_STUDY" >&2
+if [ "$PRELOAD" -gt 0 ]; then
+  echo "== $PRELOAD single-instance studies to preload -> $WORK/preload" >&2
+  $H gen --src "$SRC" --out "$WORK/preload" --n "$PRELOAD" --per-study 1 >&2
+fi
 
 # the disk's durable-write rate, on the filesystem the servers' data folders are on
 writers=$(printf '%s\n' 1 "$STOW_CLIENTS" $ASSOCS | sort -nu | tr '\n' ' ')
@@ -92,7 +104,15 @@ wait_carina() { # port dimse_port
 }
 
 measure() { # server mode clients analysis http dicomweb dicom_port aec pid version
-  $H run --server "$1" --mode "$2" --clients "$3" --analysis "$4" --files "$WORK/files" \
+  stored_before=0
+  if [ "$PRELOAD" -gt 0 ]; then
+    echo "   preloading $PRELOAD studies (C-STORE, 4 associations)" >&2
+    $H run --server "$1" --mode cstore --clients 4 --analysis "$4" --files "$WORK/preload" \
+      --http "$5" --dicomweb "$6" --dicom-port "$7" --aec "$8" --pid "$9" --version "${10}" \
+      --logdir "$WORK" --out "$OUT" --run-id "$RUN_ID-preload" ${11:+--env "${11}"} >&2
+    stored_before=$(tail -1 "$OUT" | $PY -c "import json,sys; print(json.load(sys.stdin)['stored'])")
+  fi
+  $H run --stored-before "$stored_before" --server "$1" --mode "$2" --clients "$3" --analysis "$4" --files "$WORK/files" \
     --http "$5" --dicomweb "$6" --dicom-port "$7" --aec "$8" --pid "$9" --version "${10}" \
     --batch "$BATCH" --logdir "$WORK" --out "$OUT" --run-id "$RUN_ID" \
     ${11:+--env "${11}"} >&2
