@@ -204,7 +204,9 @@ QUERIES = [
     ("Observation?code (height), _count=20", "Observation?code=http://loinc.org|8302-2&_count=20"),
     ("Observation?code=rare (none)", "Observation?code=http://loinc.org|00000-0"),
     ("Observation?date=ge2020-01-01, _count=20", "Observation?date=ge2020-01-01&_count=20"),
+    ("Observation?date=ge2020-01-01, _count=20, _total=none", "Observation?date=ge2020-01-01&_count=20&_total=none"),
     ("Observation, _count=20 (newest first)", "Observation?_count=20"),
+    ("Observation, _count=20, _total=none", "Observation?_count=20&_total=none"),
     ("Observation?_lastUpdated=gt(1 h ago)", "Observation?_lastUpdated=gt{hour_ago}&_count=20"),
     ("Patient?birthdate=lt1950", "Patient?birthdate=lt1950-01-01&_count=20"),
 ]
@@ -260,7 +262,7 @@ def search(a):
             body = json.loads(data)
             lat.append(dt * 1000)
             if body.get("resourceType") == "Bundle":
-                totals.append(body.get("total", len(body.get("entry", []))))
+                totals.append(body.get("total", f"{len(body.get('entry', []))} (no total)"))
             else:
                 totals.append(1)
         rows.append(

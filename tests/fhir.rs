@@ -644,6 +644,38 @@ async fn search_prefer_and_capability() {
     let mut want = ids.clone();
     want.sort();
     assert_eq!(seen, want);
+    // _total=none: no count, yet the same pages, with `next` exactly while matches follow
+    let mut pages = Vec::new();
+    let mut url = "/fhir/Observation?patient=p1&_count=2&_total=none".to_string();
+    loop {
+        let (s, _, b) = get(&app, &url).await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+        assert!(b.get("total").is_none(), "{b}");
+        pages.push(b["entry"].as_array().unwrap().len());
+        let next = b["link"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["relation"] == "next")
+            .map(|l| l["url"].as_str().unwrap().to_string());
+        match next {
+            Some(n) => {
+                assert!(n.contains("_total=none"), "{n}");
+                url = n
+                    .split_once("/fhir/")
+                    .map(|(_, p)| format!("/fhir/{p}"))
+                    .unwrap();
+            }
+            None => break,
+        }
+    }
+    assert_eq!(pages, vec![2, 1]);
+    let (_, _, b) = get(&app, "/fhir/Observation?patient=p1&_total=accurate").await;
+    assert_eq!(total(&b), 3);
+    outcome(
+        &get(&app, "/fhir/Observation?_total=maybe").await,
+        StatusCode::BAD_REQUEST,
+    );
     // unknown parameters: reported, or refused with handling=strict
     let (_, _, b) = get(&app, "/fhir/Observation?foo=1").await;
     assert_eq!(total(&b), 3);

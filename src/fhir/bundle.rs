@@ -134,8 +134,10 @@ async fn plan(
                         .filter_map(|kv| kv.split_once('='))
                         .map(|(k, v)| (k.to_string(), v.to_string()))
                         .collect();
-                    let q = search::parse(&rt, &pairs, true)?;
-                    let (n, mut hits) = store.fhir_search(&rt, &q).await?;
+                    let mut q = search::parse(&rt, &pairs, true)?;
+                    q.no_total = false;
+                    let found = store.fhir_search(&rt, &q).await?;
+                    let (n, mut hits) = (found.total.unwrap_or(0), found.hits);
                     if n > 1 {
                         return Err(FhirError::Conflict(format!(
                             "{at}.request.ifNoneExist matches {n} resources"

@@ -202,16 +202,17 @@ pub async fn search(
 ) -> Result<Value, FhirError> {
     known_type(resource_type)?;
     let q = search::parse(resource_type, pairs, strict)?;
-    let (total, hits) = store.fhir_search(resource_type, &q).await?;
+    let page = store.fhir_search(resource_type, &q).await?;
     let link = |offset: u32| page_url(base, resource_type, &q, offset);
     let mut links = vec![json!({"relation": "self", "url": link(q.offset)})];
-    if i64::from(q.offset) + i64::from(q.count) < total && q.count > 0 {
+    if page.more {
         links.push(json!({"relation": "next", "url": link(q.offset + q.count)}));
     }
     if q.offset > 0 {
         links.push(json!({"relation": "previous", "url": link(q.offset.saturating_sub(q.count))}));
     }
-    let mut entries: Vec<Value> = hits
+    let mut entries: Vec<Value> = page
+        .hits
         .into_iter()
         .map(|s| {
             json!({
@@ -227,15 +228,18 @@ pub async fn search(
             "search": {"mode": "outcome"}
         }));
     }
-    Ok(json!({
+    let mut bundle = json!({
         "resourceType": "Bundle",
         "id": uuid::Uuid::new_v4().to_string(),
         "meta": {"lastUpdated": crate::fhir::index::instant(chrono::Utc::now())},
         "type": "searchset",
-        "total": total,
         "link": links,
         "entry": entries,
-    }))
+    });
+    if let Some(total) = page.total {
+        bundle["total"] = json!(total);
+    }
+    Ok(bundle)
 }
 
 fn page_url(base: &str, resource_type: &str, q: &SearchQuery, offset: u32) -> String {

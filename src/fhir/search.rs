@@ -4,7 +4,7 @@
 use super::index::{date_range, normalise_reference, params, Kind};
 use super::FhirError;
 
-pub use crate::store::fhir::{Cond, Prefix, SearchQuery};
+pub use crate::store::fhir::{Cond, Prefix, SearchPage, SearchQuery};
 
 /// Default and largest page size.
 pub const DEFAULT_COUNT: u32 = 50;
@@ -57,6 +57,16 @@ pub fn parse(
                 q.offset = raw
                     .parse()
                     .map_err(|_| bad("not a non-negative integer".into()))?;
+                continue;
+            }
+            "_total" => {
+                q.no_total = match raw.as_str() {
+                    "none" => true,
+                    // an estimate is allowed to be exact
+                    "estimate" | "accurate" => false,
+                    _ => return Err(bad("not none, estimate or accurate".into())),
+                };
+                q.used.push((key.clone(), raw.clone()));
                 continue;
             }
             "_format" | "_pretty" => continue,

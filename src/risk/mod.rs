@@ -259,7 +259,7 @@ impl RiskService {
             count: crate::fhir::search::MAX_COUNT,
             ..Default::default()
         };
-        let (_, obs) = store.fhir_search("Observation", &q).await?;
+        let obs = store.fhir_search("Observation", &q).await?.hits;
         Ok((p, obs))
     }
 

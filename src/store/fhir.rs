@@ -81,6 +81,20 @@ pub struct SearchQuery {
     pub used: Vec<(String, String)>,
     /// Parameters that were ignored (unknown), with why.
     pub ignored: Vec<String>,
+    /// `_total=none`: no count of all matches (a search matching most of a large store then
+    /// costs one page, not a pass over every match).
+    pub no_total: bool,
+}
+
+/// One page of a search.
+#[derive(Debug)]
+pub struct SearchPage {
+    /// Number of all matches (`None` with `_total=none`).
+    pub total: Option<i64>,
+    /// The page, newest first.
+    pub hits: Vec<Stored>,
+    /// Whether matches follow this page.
+    pub more: bool,
 }
 
 /// What to write.
@@ -291,7 +305,8 @@ impl Store {
         }))
     }
 
-    /// Runs a search: the total number of matches and one page of them, newest first.
+    /// Runs a search: one page of matches, newest first, with the number of all matches unless
+    /// `q.no_total`.
     ///
     /// # Errors
     /// [`StoreError::Db`].
@@ -299,15 +314,21 @@ impl Store {
         &self,
         resource_type: &str,
         q: &SearchQuery,
-    ) -> Result<(i64, Vec<Stored>), StoreError> {
-        let mut count = Sql::new("SELECT COUNT(*) FROM ");
-        push_matches(&mut count, resource_type, q);
-        let total: i64 = count.fetch_scalar(&self.pool).await?;
+    ) -> Result<SearchPage, StoreError> {
+        let total = if q.no_total {
+            None
+        } else {
+            let mut count = Sql::new("SELECT COUNT(*) FROM ");
+            push_matches(&mut count, resource_type, q);
+            Some(count.fetch_scalar::<i64>(&self.pool).await?)
+        };
+        // without a total, one row past the page says whether another page follows
+        let limit = i64::from(q.count) + i64::from(total.is_none());
         // the page's keys first (ordered and cut from the index rows), then only their bodies
         let mut page = Sql::new("SELECT f.id, f.version_id, f.last_updated, f.body FROM (SELECT r.id, r.version_id FROM ");
         push_matches(&mut page, resource_type, q);
         page.push(" ORDER BY r.last_updated DESC, r.id LIMIT ");
-        page.bind(i64::from(q.count));
+        page.bind(limit);
         page.push(" OFFSET ");
         page.bind(i64::from(q.offset));
         page.push(") p CROSS JOIN fhir_resources f WHERE f.resource_type = ");
@@ -329,7 +350,16 @@ impl Store {
                 body: serde_json::from_str(&body)?,
             });
         }
-        Ok((total, out))
+        let more = match total {
+            Some(n) => i64::from(q.offset) + i64::from(q.count) < n && q.count > 0,
+            None => out.len() > q.count as usize,
+        };
+        out.truncate(q.count as usize);
+        Ok(SearchPage {
+            total,
+            hits: out,
+            more,
+        })
     }
 
     /// The feature key of `patient`'s latest risk assessment.
@@ -693,13 +723,6 @@ async fn write_one(
         .bind(&w.id)
         .execute(&mut *conn)
         .await?;
-        sqlx::query("DELETE FROM fhir_index WHERE resource_type = $1 AND id = $2")
-            .bind(&w.resource_type)
-            .bind(&w.id)
-            .execute(&mut *conn)
-            .await?;
-        // an earlier version written in this same transaction is no longer current either
-        index.retain(|(t, id, _)| !(t == &w.resource_type && id == &w.id));
     }
     sqlx::query(
             "INSERT INTO fhir_resources (resource_type, id, version_id, last_updated, is_current, body) \
@@ -719,6 +742,18 @@ async fn write_one(
             )),
             _ => StoreError::Db(e),
         })?;
+    // after the new version's insert, as before: a concurrent writer of the same resource
+    // fails on that insert (409) before it touches the index rows (deleting them first let two
+    // updates of one resource deadlock on PostgreSQL)
+    if !w.fresh {
+        sqlx::query("DELETE FROM fhir_index WHERE resource_type = $1 AND id = $2")
+            .bind(&w.resource_type)
+            .bind(&w.id)
+            .execute(&mut *conn)
+            .await?;
+        // an earlier version written in this same transaction is no longer current either
+        index.retain(|(t, id, _)| !(t == &w.resource_type && id == &w.id));
+    }
     index.extend(
         index::extract(&w.resource_type, &w.body)
             .into_iter()
