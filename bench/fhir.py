@@ -273,7 +273,9 @@ def search(a):
                 "p50_ms": round(statistics.median(lat), 2),
                 "p95_ms": round(pct(lat, 95), 2),
                 "max_ms": round(max(lat), 2),
-                "matches_median": statistics.median(totals),
+                "matches_median": statistics.median(totals)
+                if all(isinstance(t, int) for t in totals)
+                else totals[0],
             }
         )
         print(f"  {name:45s} p50 {rows[-1]['p50_ms']:8.2f} ms  p95 {rows[-1]['p95_ms']:8.2f}  matches {rows[-1]['matches_median']}", file=sys.stderr)
