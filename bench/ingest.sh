@@ -15,8 +15,10 @@
 #            durably exactly as with analysis on, but no analysis job is enqueued.
 #   orthanc  Debian Orthanc + DICOMweb plugin, SQLite index, SyncStorageArea on
 #            (bench/orthanc-ingest.json, modelled on tests/orthanc/orthanc.py's config).
-# Clients: STOW-RS = STOW_CLIENTS processes with dicomweb-client, each posting its contiguous
-# share, BATCH (1) instance(s) per request, to <base>/studies (Carina: /dicomweb, Orthanc:
+# Clients: STOW-RS = STOW_CLIENTS processes with CLIENT (dicomweb-client; or raw: multipart
+# bodies prebuilt from the files' bytes, posted with http.client over one keep-alive
+# connection, far cheaper per request), each posting its contiguous share, BATCH (1)
+# instance(s) per request, to <base>/studies (Carina: /dicomweb, Orthanc:
 # /dicom-web); C-STORE = dcmtk storescu, one process = one association per share, for each
 # count in ASSOCS. The clock runs from the first request to the last acknowledgement; with
 # analysis on, "all analysed" runs from the same start until no analysis job is queued or
@@ -25,7 +27,7 @@
 #   file) are stored into the fresh server over 4 associations, so the measured N arrive at a
 #   store already holding PRELOAD studies (their own lines: run_id <RUN_ID>-preload); needs
 #   ANALYSIS=off for Carina. `PRELOAD=10000 N=300 ANALYSIS=off bash bench/ingest.sh`.
-# Env: N (300), STOW_CLIENTS (4), ASSOCS ("1 4"), BATCH (1), PER_STUDY (30),
+# Env: N (300), STOW_CLIENTS (4), ASSOCS ("1 4"), BATCH (1), CLIENT (dicomweb-client), PER_STUDY (30),
 #   SERVERS ("carina orthanc"), MODES ("stow cstore"), ANALYSIS ("off on", Carina only),
 #   FSYNC_SECONDS (3), PY (.venv/bin/python), CARINA_BIN (target/release/carina),
 #   MODELS (models), SRC (the DX file), OUT (bench/results/ingest-$(date +%F).jsonl),
@@ -43,6 +45,7 @@ N=${N:-300}
 STOW_CLIENTS=${STOW_CLIENTS:-4}
 ASSOCS=${ASSOCS:-"1 4"}
 BATCH=${BATCH:-1}
+CLIENT=${CLIENT:-dicomweb-client}
 PER_STUDY=${PER_STUDY:-30}
 SERVERS=${SERVERS:-"carina orthanc"}
 MODES=${MODES:-"stow cstore"}
@@ -92,7 +95,7 @@ echo "$fs" >>"$OUT"
 
 carina_env=$(env | grep '^CARINA_' | sort | tr '\n' ' ' || true)
 carina_version="$("$CARINA_BIN" --version 2>/dev/null | head -1 || true) (git $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet HEAD -- src 2>/dev/null || echo '+dirty src'))"
-orthanc_version=$(Orthanc --version 2>/dev/null | head -1)
+orthanc_version=$(Orthanc --version 2>/dev/null | head -1 || true)  # head may close the pipe first (SIGPIPE under pipefail)
 
 wait_carina() { # port dimse_port
   for _ in $(seq 1 600); do
@@ -114,7 +117,7 @@ measure() { # server mode clients analysis http dicomweb dicom_port aec pid vers
   fi
   $H run --stored-before "$stored_before" --server "$1" --mode "$2" --clients "$3" --analysis "$4" --files "$WORK/files" \
     --http "$5" --dicomweb "$6" --dicom-port "$7" --aec "$8" --pid "$9" --version "${10}" \
-    --batch "$BATCH" --logdir "$WORK" --out "$OUT" --run-id "$RUN_ID" \
+    --batch "$BATCH" --client "$CLIENT" --logdir "$WORK" --out "$OUT" --run-id "$RUN_ID" \
     ${11:+--env "${11}"} >&2
 }
 

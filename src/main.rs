@@ -53,7 +53,7 @@ fn main() -> ExitCode {
 fn serve(common: &Common) -> anyhow::Result<()> {
     let settings = common.settings()?;
     settings.check_security().map_err(anyhow::Error::msg)?;
-    carina::analysis::pipeline::limit_cpu_work(settings.cpu_workers);
+    carina::analysis::cpu::limit_cpu_work(settings.cpu_workers);
     // Models load (and warm up) before the async runtime exists: loading blocks.
     let models = Arc::new(Registry::load(
         &settings.models,

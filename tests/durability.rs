@@ -201,6 +201,11 @@ fn c_store(addr: SocketAddr, files: &[PathBuf]) -> Vec<(String, Option<u64>)> {
             &addr.port().to_string(),
             "--aet",
             "DURABILITY",
+            // a kill can leave pynetdicom waiting out its timeout for an answer that will not
+            // come (30 s by default): 10 s is plenty for a local server and keeps the trials
+            // moving (a timed-out store is simply not counted as acknowledged)
+            "--timeout",
+            "10",
         ])
         .args(files)
         .output()

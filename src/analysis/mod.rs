@@ -6,6 +6,7 @@
 //! analysis twice (a re-send, a crash between steps) makes the same report and the same
 //! Secondary Capture, never a second one. Ingest stores and queues; the jobs room calls this.
 
+pub mod cpu;
 pub mod pipeline;
 
 use std::sync::Arc;
@@ -150,7 +151,7 @@ impl Analyser {
         let file = Bytes::from(file);
         let parsed = {
             let f = file.clone();
-            tokio::task::spawn_blocking(move || parse_instance(&f))
+            cpu::run(move || parse_instance(&f))
                 .await
                 .map_err(|e| ParseError::Unreadable(e.to_string()))??
         };
@@ -170,7 +171,7 @@ impl Analyser {
             format!("carina/analysis/{sop}/{}/{}/{frame}", version.0, version.1).as_bytes(),
         );
         let base = self.public_url.clone();
-        let analysis =
+        let mut analysis =
             pipeline::analyse_with(model, file, MediaType::Dicom, id, frame, move |id| {
                 base.as_ref()
                     .map(|b| format!("{}/v1/results/{id}/overlay.png", b.trim_end_matches('/')))
@@ -179,16 +180,25 @@ impl Analyser {
         self.store
             .save_analysis(&analysis.record(), "dicom")
             .await?;
-        if let Some(overlay) = &analysis.overlay {
+        if let Some(overlay) = analysis.overlay.take() {
             let p = analysis.prediction.probabilities[analysis.prediction.class];
             let summary = format!("{} {:.1}%", analysis.label_display(), p * 100.0);
-            let result = sc::secondary_capture(&ScInput {
-                source: &parsed.object,
-                overlay,
-                model: (&version.0, &version.1),
-                summary: &summary,
-                created: analysis.created,
-            })?;
+            let created = analysis.created;
+            // building the Part 10 object copies the full-size picture: CPU work, off the runtime
+            let (result, overlay) = cpu::run(move || {
+                let r = sc::secondary_capture(&ScInput {
+                    source: &parsed.object,
+                    overlay: &overlay,
+                    model: (&version.0, &version.1),
+                    summary: &summary,
+                    created,
+                });
+                (r, overlay)
+            })
+            .await
+            .map_err(|e| sc::ScError::from_display(&e))?;
+            analysis.overlay = Some(overlay);
+            let result = result?;
             let result_sop = result.index.sop_instance_uid.clone();
             self.store_result(result, sop).await?;
             if let Some(x) = &self.exporter {

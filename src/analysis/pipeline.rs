@@ -1,10 +1,10 @@
 //! The image analysis use case, shared by `carina predict` and the HTTP routes:
 //! decode → preprocess → infer (batched engine) → Grad-CAM → overlay PNG → FHIR bundle.
-//! CPU stages run on the blocking pool; each stage's duration is recorded for `Server-Timing`.
+//! CPU stages run off the async runtime in the caller's lane ([`super::cpu`]); each stage's duration is recorded for `Server-Timing`.
 //! An uploaded PNG or JPEG is kept as it came (never re-encoded); only a DICOM frame is encoded
 //! to PNG for viewing.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
@@ -124,33 +124,9 @@ pub enum AnalyseError {
     Task(String),
 }
 
-/// Permits for CPU pixel work (decode, preprocess, overlay, encode) across the process.
-static CPU_WORK: OnceLock<tokio::sync::Semaphore> = OnceLock::new();
-
-/// Sizes the pool of CPU pixel work: at most `workers` images are decoded, resized or drawn at
-/// once (0 = one per core), so that pixel work queues instead of taking the cores from the
-/// inference sessions. Takes effect once, before the first analysis; later calls are ignored.
-pub fn limit_cpu_work(workers: usize) {
-    let _ = CPU_WORK.set(cpu_pool(workers));
-}
-
-/// A pool of `workers` permits, one per core when 0.
-fn cpu_pool(workers: usize) -> tokio::sync::Semaphore {
-    let n = match workers {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
-    tokio::sync::Semaphore::new(n)
-}
-
-/// Runs CPU pixel work `f` on the blocking pool under a permit of [`limit_cpu_work`]'s pool.
+/// Runs CPU pixel work `f` off the runtime, in the calling task's lane (see [`super::cpu`]).
 async fn cpu<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, AnalyseError> {
-    let pool = CPU_WORK.get_or_init(|| cpu_pool(0));
-    let _permit = pool
-        .acquire()
-        .await
-        .map_err(|e| AnalyseError::Task(e.to_string()))?;
-    tokio::task::spawn_blocking(f)
+    super::cpu::run(f)
         .await
         .map_err(|e| AnalyseError::Task(e.to_string()))
 }

@@ -6,6 +6,7 @@
 
 pub mod dimse;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +17,32 @@ use crate::dicom::parse::ParsedInstance;
 use crate::dicom::routing::{self, Decision, Route};
 use crate::dicom::{parse_instance, status, InstanceIndex, ParseError};
 use crate::store::{JobKind, NewJob, Source, Store, StoreError};
+
+/// Instances being received in this process now (parsed, checked, written, committed).
+static RECEIVING: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether this process is receiving instances now. The job workers beyond the first wait
+/// while it is ("ingest first": a burst from a PACS is acknowledged at the rate storage
+/// allows, and the queued analyses catch up when it ends; one worker always keeps going).
+pub fn receiving() -> bool {
+    RECEIVING.load(Ordering::Relaxed) > 0
+}
+
+/// Counts one instance in [`receiving`] while it lives.
+struct Receiving;
+
+impl Receiving {
+    fn start() -> Self {
+        RECEIVING.fetch_add(1, Ordering::Relaxed);
+        Self
+    }
+}
+
+impl Drop for Receiving {
+    fn drop(&mut self) {
+        RECEIVING.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// How ingest enqueues analysis jobs: the attempts they get, and (for an analysis the caller
 /// runs at once) the lease it holds them under.
@@ -218,6 +245,7 @@ impl Ingest {
         source: Source,
         expected_study: Option<&str>,
     ) -> Result<Accepted, IngestError> {
+        let _receiving = Receiving::start();
         let parsed = tokio::task::spawn_blocking(move || parse_instance(&bytes))
             .await
             .map_err(|e| IngestError::Parse(ParseError::Unreadable(e.to_string())))??;
@@ -316,5 +344,24 @@ impl Ingest {
             new,
             job: job_id,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn receiving_counts_instances_in_flight() {
+        // no other unit test of the library receives instances, so the count is this test's
+        assert!(!receiving());
+        let a = Receiving::start();
+        let b = Receiving::start();
+        assert!(receiving());
+        assert_eq!(RECEIVING.load(Ordering::Relaxed), 2);
+        drop(a);
+        assert!(receiving(), "one still in flight");
+        drop(b);
+        assert!(!receiving());
     }
 }

@@ -15,6 +15,9 @@ use tracing::Instrument;
 use super::{Failure, JobError};
 use crate::store::{Job, JobState, Store};
 
+/// How often a worker that yields to ingest looks again.
+const INGEST_FIRST_POLL: Duration = Duration::from_millis(10);
+
 /// How workers claim and retry jobs.
 #[derive(Debug, Clone)]
 pub struct JobSettings {
@@ -117,7 +120,7 @@ impl Worker {
             tokio::spawn(prune(self.store.clone(), keep, stop.clone()));
         }
         let loops: Vec<_> = (0..self.settings.concurrency)
-            .map(|_| tokio::spawn(self.clone().run_loop(stop.clone())))
+            .map(|i| tokio::spawn(self.clone().run_loop(i, stop.clone())))
             .collect();
         for l in loops {
             let _ = l.await;
@@ -148,9 +151,18 @@ impl Worker {
         }
     }
 
-    async fn run_loop(self, mut stop: watch::Receiver<bool>) {
+    /// Worker loop `index`: every loop but the first waits while ingest is receiving
+    /// instances ([`crate::ingest::receiving`]), so acknowledgements keep the disk and cores.
+    async fn run_loop(self, index: usize, mut stop: watch::Receiver<bool>) {
         let s = self.settings.clone();
         while !*stop.borrow() {
+            if index > 0 && crate::ingest::receiving() {
+                tokio::select! {
+                    r = stop.changed() => if r.is_err() { return },
+                    () = tokio::time::sleep(INGEST_FIRST_POLL) => {}
+                }
+                continue;
+            }
             match self.store.claim_jobs(&s.owner, 1, s.lease).await {
                 Ok(jobs) if !jobs.is_empty() => {
                     for job in jobs {
@@ -200,7 +212,11 @@ impl Worker {
                 })
             };
             // Carina itself acts: what the job stores is audited as its application activity
-            let work = crate::audit::ACTOR.scope(crate::audit::Actor::carina(), (self.handler)(job));
+            // ... and in the background lane: ingest and waiting users keep the cores first
+            let work = crate::audit::ACTOR.scope(
+                crate::audit::Actor::carina(),
+                crate::analysis::cpu::background((self.handler)(job)),
+            );
             tokio::pin!(work);
             let grace = async {
                 let _ = stop.wait_for(|v| *v).await;

@@ -357,6 +357,7 @@ impl Store {
         reason: Option<&str>,
         analysis_id: Option<&str>,
     ) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await;
         // `done` is final: a late failure of an attempt whose lease another attempt took over
         // (the database was down past the lease) must not overwrite the finished analysis
         sqlx::query(

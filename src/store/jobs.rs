@@ -315,6 +315,7 @@ impl Store {
         let now = self.clock.now_ms();
         let stamp = self.clock.stamp();
         self.bury_expired(&stamp, now).await?;
+        let _turn = self.write_turn().await;
         let rows = sqlx::query(AssertSqlSafe(format!(
             "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_owner = $1, \
              lease_until = $2, updated = $3, \
@@ -389,6 +390,7 @@ impl Store {
         owner: &str,
         lease: Duration,
     ) -> Result<bool, StoreError> {
+        let _turn = self.write_turn().await;
         let r = sqlx::query(
             "UPDATE jobs SET lease_until = $1 WHERE id = $2 AND lease_owner = $3 AND state = 'running'",
         )
@@ -410,6 +412,7 @@ impl Store {
         owner: &str,
         result: &Value,
     ) -> Result<bool, StoreError> {
+        let _turn = self.write_turn().await;
         let r = sqlx::query(
             "UPDATE jobs SET state = 'done', result = $1, lease_until = NULL, updated = $2 \
              WHERE id = $3 AND lease_owner = $4 AND state = 'running'",
@@ -447,6 +450,7 @@ impl Store {
         } else {
             JobState::Dead
         };
+        let _turn = self.write_turn().await;
         sqlx::query(
             "UPDATE jobs SET state = $1, last_error = $2, run_at = $3, lease_until = NULL, \
              updated = $4 WHERE id = $5 AND lease_owner = $6 AND state = 'running'",
@@ -468,6 +472,7 @@ impl Store {
     /// # Errors
     /// [`StoreError::Db`].
     pub async fn release_job(&self, id: &str, owner: &str) -> Result<bool, StoreError> {
+        let _turn = self.write_turn().await;
         let r = sqlx::query(
             "UPDATE jobs SET state = 'queued', attempts = attempts - 1, lease_until = NULL, \
              run_at = $1, updated = $2 WHERE id = $3 AND lease_owner = $4 AND state = 'running'",

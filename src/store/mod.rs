@@ -148,6 +148,40 @@ pub struct Store {
     dicom: BlobStore,
     clock: jobs::Clock,
     planner_stats: Arc<PlannerStats>,
+    /// SQLite's one writer at a time, taken in this process before `BEGIN IMMEDIATE`: a writer
+    /// waiting here is woken the moment the previous one commits, where SQLite's busy handler
+    /// would sleep 1, 2, 5, 10 … ms between retries and leave the disk and cores idle.
+    write_turn: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// A write transaction ([`Store::begin_write`]); on SQLite it holds this process's write turn
+/// until it commits or is dropped (rolled back).
+pub(crate) struct WriteTx {
+    tx: sqlx::Transaction<'static, sqlx::Any>,
+    _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl WriteTx {
+    /// Commits, then gives the turn to the next writer.
+    ///
+    /// # Errors
+    /// The database's.
+    pub(crate) async fn commit(self) -> Result<(), sqlx::Error> {
+        self.tx.commit().await
+    }
+}
+
+impl std::ops::Deref for WriteTx {
+    type Target = sqlx::AnyConnection;
+    fn deref(&self) -> &Self::Target {
+        &self.tx
+    }
+}
+
+impl std::ops::DerefMut for WriteTx {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.tx
+    }
 }
 
 /// When to refresh PostgreSQL's planner statistics for the FHIR tables. A fresh or bulk-loaded
@@ -246,6 +280,7 @@ impl Store {
             dicom: BlobStore::new(data_dir.join("dicom"))?,
             clock: jobs::Clock::default(),
             planner_stats: Arc::default(),
+            write_turn: Arc::default(),
         })
     }
 
@@ -258,17 +293,35 @@ impl Store {
     }
 
     /// Begins a write transaction: `BEGIN IMMEDIATE` on SQLite, so a transaction that reads
-    /// before it writes waits for the write lock up front instead of failing when it upgrades.
+    /// before it writes waits for the write lock up front instead of failing when it upgrades,
+    /// after this process's write turn (writers queue in order, see `write_turn`).
     ///
     /// # Errors
     /// [`StoreError::Db`].
-    pub(crate) async fn begin_write(
-        &self,
-    ) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
+    pub(crate) async fn begin_write(&self) -> Result<WriteTx, StoreError> {
         Ok(match self.dialect {
-            Dialect::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            Dialect::Postgres => self.pool.begin().await?,
+            Dialect::Sqlite => {
+                let turn = self.write_turn.clone().lock_owned().await;
+                WriteTx {
+                    tx: self.pool.begin_with("BEGIN IMMEDIATE").await?,
+                    _turn: Some(turn),
+                }
+            }
+            Dialect::Postgres => WriteTx {
+                tx: self.pool.begin().await?,
+                _turn: None,
+            },
         })
+    }
+
+    /// This process's SQLite write turn for a single-statement write (autocommit) on a hot
+    /// path, so it queues behind [`Self::begin_write`]'s transactions instead of sleeping in
+    /// SQLite's busy handler; `None` on PostgreSQL (row locks, no single writer).
+    pub(crate) async fn write_turn(&self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        match self.dialect {
+            Dialect::Sqlite => Some(self.write_turn.clone().lock_owned().await),
+            Dialect::Postgres => None,
+        }
     }
 
     /// Counts `n` FHIR resources written and, on PostgreSQL, refreshes the FHIR tables'
@@ -335,14 +388,10 @@ impl Store {
         }
         let blobs = self.blobs.clone();
         let dir = id.clone();
-        tokio::task::spawn_blocking(move || {
-            for (name, data) in files {
-                blobs.put(&dir, name, &data)?;
-            }
-            Ok::<_, std::io::Error>(())
-        })
-        .await
-        .map_err(|e| std::io::Error::other(e.to_string()))??;
+        tokio::task::spawn_blocking(move || blobs.put_all(&dir, &files))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))??;
+        let _turn = self.write_turn().await;
         sqlx::query(
             "INSERT INTO analyses (id, created, model, model_version, label, display, probabilities, cam_method, source) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (id) DO NOTHING",
