@@ -81,7 +81,7 @@ type Work = Box<dyn FnOnce() + Send>;
 
 /// A fixed set of low-priority threads taking work from one queue.
 struct Pool {
-    tx: Mutex<mpsc::Sender<Work>>,
+    tx: mpsc::Sender<Work>,
 }
 
 fn pool() -> &'static Pool {
@@ -111,7 +111,7 @@ impl Pool {
                 tracing::error!("cannot start a background analysis thread: {e}");
             }
         }
-        Self { tx: Mutex::new(tx) }
+        Self { tx }
     }
 
     async fn run<T: Send + 'static>(
@@ -124,8 +124,6 @@ impl Pool {
             let _ = reply.send(out);
         });
         self.tx
-            .lock()
-            .map_err(|_| CpuError("background queue poisoned".into()))?
             .send(work)
             .map_err(|_| CpuError("no background analysis thread".into()))?;
         match rx.await {
@@ -152,21 +150,21 @@ fn lower_priority() {
     }
 }
 
-/// The calling thread's nice value (Linux; 0 elsewhere).
-pub fn current_nice() -> i32 {
-    #[cfg(target_os = "linux")]
-    {
-        rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap_or(0)
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        0
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The calling thread's nice value (Linux; 0 elsewhere).
+    fn current_nice() -> i32 {
+        #[cfg(target_os = "linux")]
+        {
+            rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap_or(0)
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            0
+        }
+    }
 
     #[tokio::test]
     async fn background_work_runs_on_lower_priority_threads_and_foreground_does_not() {

@@ -56,21 +56,7 @@ impl BlobStore {
     /// # Errors
     /// On any I/O failure; a failed write leaves no visible file.
     pub fn put(&self, key: &str, name: &str, data: &[u8]) -> io::Result<()> {
-        let dir = self.root.join(safe(key)?);
-        fs::create_dir_all(&dir)?;
-        let tmp = dir.join(format!(".{}.tmp-{}", safe(name)?, uuid::Uuid::new_v4()));
-        let result = (|| {
-            let mut f = File::create(&tmp)?;
-            f.write_all(data)?;
-            f.sync_all()?;
-            fs::rename(&tmp, dir.join(name))?;
-            File::open(&dir)?.sync_all()?;
-            self.sync_root_for(key)
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result
+        self.put_all(key, &[(name, data)])
     }
 
     /// Writes several files into `<key>/` atomically each and durably, with one fsync of the
